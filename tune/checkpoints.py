@@ -1,0 +1,255 @@
+"""Checkpoint layout: one safetensors file per module group, metrics, meta, a manifest, resume state.
+
+A checkpoint directory holds
+
+    group_a.safetensors  group_b.safetensors  group_c.safetensors  independent.safetensors
+        the group's tensors under their full state-dict keys ("heads.emotion.mlp.0.weight"),
+        loadable without pickle and readable one group at a time;
+    metrics.json         everything measured at that epoch (per-module validation loss included);
+    meta.json            epoch, full config, seed, data split fingerprint, package version;
+    resume_state.pt      optimizer, scheduler, scaler, every RNG, data order (newest checkpoint only by default);
+    manifest.json        size and sha256 of every other file, written last.
+
+A checkpoint is complete only when its manifest exists and every file matches it;
+``verify_checkpoint`` is what later stages call before trusting one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.groups import GROUPS, modules_of_group
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+META = "meta.json"
+RESUME_STATE = "resume_state.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not match the model; the message names the file."""
+
+
+def group_file(group: str) -> str:
+    return f"{group}.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and os.replace, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_state_by_group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Partition a model state dict by the group declaration; every key must belong to a declared module."""
+    from model.groups import GROUP_OF, param_prefix_owner
+
+    out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
+    for key, value in state.items():
+        out[GROUP_OF[param_prefix_owner(key)]][key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Resume state
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG a training step touches, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    rng = {
+        "python": random.getstate(),
+        "numpy": {
+            "algo": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(rng["python"]))
+    n = rng["numpy"]
+    np.random.set_state(
+        (n["algo"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+# ---------------------------------------------------------------------------
+# Write
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    metrics: dict,
+    meta: dict,
+    resume_state: dict | None,
+) -> Path:
+    """Write a complete checkpoint into ``directory`` (which must not exist yet); the manifest goes last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=False)
+    for group, tensors in split_state_by_group(model_state).items():
+        save_file(
+            tensors,
+            str(directory / group_file(group)),
+            metadata={"group": group, "format": str(FORMAT_VERSION)},
+        )
+    write_json_atomic(directory / METRICS, metrics)
+    write_json_atomic(directory / META, {**meta, "format": FORMAT_VERSION})
+    if resume_state is not None:
+        torch.save(resume_state, directory / RESUME_STATE)
+    files = sorted(p.name for p in directory.iterdir() if p.is_file())
+    manifest = {
+        "format": FORMAT_VERSION,
+        "files": {
+            n: {"bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in files
+        },
+    }
+    write_json_atomic(directory / MANIFEST, manifest)
+    return directory
+
+
+def drop_resume_state(directory: Path) -> None:
+    """Remove a checkpoint's resume state and rewrite its manifest (the weights stay untouched)."""
+    directory = Path(directory)
+    target = directory / RESUME_STATE
+    if not target.exists():
+        return
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["files"].pop(RESUME_STATE, None)
+    write_json_atomic(directory / MANIFEST, manifest)  # first the manifest, so it never lists a missing file
+    target.unlink()
+
+
+# ---------------------------------------------------------------------------
+# Read
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    epoch: int
+    meta: dict
+    metrics: dict
+    has_resume_state: bool
+
+
+def verify_checkpoint(directory: Path, *, hashes: bool = True) -> CheckpointInfo:
+    """Check a checkpoint against its manifest (sizes, and sha256 when ``hashes``); raise CheckpointError naming the file."""
+    directory = Path(directory)
+    man_path = directory / MANIFEST
+    if not man_path.is_file():
+        raise CheckpointError(
+            f"{directory}: no {MANIFEST}; the checkpoint was never completed (interrupted write). "
+            "It is skipped; resume from an earlier checkpoint."
+        )
+    try:
+        manifest = json.loads(man_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{man_path}: unreadable manifest ({exc})") from exc
+    for name in [group_file(g) for g in GROUPS] + [METRICS, META]:
+        if name not in manifest["files"]:
+            raise CheckpointError(
+                f"{directory / name}: not listed in the manifest; the checkpoint is incomplete"
+            )
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the manifest lists it); the checkpoint is incomplete")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"{path}: {size} bytes, the manifest says {entry['bytes']}: truncated or overwritten"
+            )
+        if hashes and _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: sha256 differs from the manifest: the file is corrupt")
+    meta = json.loads((directory / META).read_text())
+    metrics = json.loads((directory / METRICS).read_text())
+    return CheckpointInfo(
+        path=directory,
+        epoch=int(meta["epoch"]),
+        meta=meta,
+        metrics=metrics,
+        has_resume_state=RESUME_STATE in manifest["files"],
+    )
+
+
+def load_group(directory: Path, group: str, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read one group's tensors (lazily: only this file is opened)."""
+    path = Path(directory) / group_file(group)
+    modules_of_group(group)  # unknown group -> KeyError naming the known ones
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing group file")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from exc
+
+
+def load_model_state(directory: Path) -> dict[str, torch.Tensor]:
+    """All four group files merged into one state dict."""
+    state: dict[str, torch.Tensor] = {}
+    for group in GROUPS:
+        state.update(load_group(directory, group))
+    return state
+
+
+def load_resume_state(directory: Path) -> dict:
+    path = Path(directory) / RESUME_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: this checkpoint keeps no resume state (train.keep_resume_state: latest keeps it in the newest only)"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_bytes(directory: Path) -> dict[str, int]:
+    """Bytes per file of a checkpoint (for the README's size table)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.is_file()}
