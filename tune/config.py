@@ -213,7 +213,9 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if len(value) != len(args):
             problems.append(f"{path}: needs exactly {len(args)} items, got {len(value)}")
             return value
-        return tuple(_coerce(v, a, f"{path}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _coerce(v, a, f"{path}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict:
         ktp, vtp = typing.get_args(tp)
         if not isinstance(value, dict):

@@ -1,0 +1,77 @@
+"""Phase 1 for real: the smoke sweep through Ray Tune, read back through Ray's public API."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from tune.sweep import Candidate, best_lr_path, run_sweep, select_lr, sweep_dir
+from tune.trainable import selection_score
+
+
+def test_selection_rule_is_the_specs():
+    # mean of the last 3 val losses + 0.1 * |train - val| at the last epoch
+    assert selection_score([9, 9, 9, 0.5], [9, 1.0, 2.0, 3.0], 0.1) == pytest.approx(2.0 + 0.1 * 2.5)
+
+
+def test_select_lr_ignores_diverged_and_breaks_ties_by_lower_lr():
+    h = pd.DataFrame()
+    cands = [
+        Candidate(1e-3, math.nan, h),
+        Candidate(1e-4, 0.5, h),
+        Candidate(5e-5, 0.5, h),
+        Candidate(1e-5, 0.7, h),
+    ]
+    assert select_lr(cands).lr == 5e-5
+    with pytest.raises(RuntimeError, match="diverged"):
+        select_lr([Candidate(1e-3, math.inf, h)])
+
+
+def test_sweep_runs_five_trials_through_tune(smoke_cfg, ray_session):
+    from ray.tune import ExperimentAnalysis
+
+    from tune.config import cache_dir
+    from tune.data import prepare_data
+
+    cfg = smoke_cfg("sweep.lrs=[1e-5, 5e-5, 1e-4, 2e-4, 5e-4]", "sweep.epochs=3")
+    prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    best = run_sweep(cfg)
+
+    chosen = json.loads(best_lr_path(cfg).read_text())
+    assert chosen["best_lr"] == best.lr
+    assert len(chosen["candidates"]) == 5
+    assert best.score == min(c["score"] for c in chosen["candidates"])
+    for lr in (1e-5, 5e-5, 1e-4, 2e-4, 5e-4):
+        csv = pd.read_csv(sweep_dir(cfg) / f"lr_{lr:.0e}.csv")
+        assert list(csv["epoch"]) == [1, 2, 3]
+        assert {
+            "train_loss",
+            "val_loss",
+            "train_acc",
+            "val_acc",
+            "grad_norm",
+            "peak_memory_mb",
+            "epoch_time_s",
+            "lr",
+        } <= set(csv)
+        assert (sweep_dir(cfg) / f"lr_{lr:.0e}.json").is_file()
+
+    # Ray's own public API opens the experiment: 5 trials with per-epoch DataFrames.
+    exp = sweep_dir(cfg).parent / f"{cfg.run.name}-sweep"
+    analysis = ExperimentAnalysis(str(exp))
+    frames = analysis.trial_dataframes
+    assert len(frames) == 5
+    assert all(len(df) == 3 and df["val_loss"].notna().all() for df in frames.values())
+    assert sorted(t.config["lr"] for t in analysis.trials) == [1e-5, 5e-5, 1e-4, 2e-4, 5e-4]
+    # TensorBoard events and progress.csv exist for every trial.
+    for t in analysis.trials:
+        files = {p.name for p in __import__("pathlib").Path(t.path).iterdir()}
+        assert "progress.csv" in files and "result.json" in files
+        assert any(f.startswith("events.out.tfevents") for f in files)
+
+    # A second run reuses the finished experiment instead of training again.
+    again = run_sweep(cfg)
+    assert again.lr == best.lr and len(ExperimentAnalysis(str(exp)).trials) == 5

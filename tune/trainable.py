@@ -1,0 +1,228 @@
+"""The Tune function trainable: build -> resume -> loop -> report / checkpoint.
+
+Used by both phases: the LR sweep (``stage="sweep"``: no checkpoints) and the
+main training (``stage="train"``: a checkpoint every ``train.checkpoint_every``
+epochs and after the last).  Epochs count from 1, so epoch 2k is checkpoint k
+and lines up with Tune's ``training_iteration``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray.tune import Checkpoint, get_checkpoint, report
+
+from model.groups import GROUPS, MODULE_TASK
+from tune import __version__
+from tune.checkpoints import (
+    MANIFEST,
+    capture_rng,
+    drop_resume_state,
+    load_model_state,
+    load_resume_state,
+    restore_rng,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from tune.config import Config, cache_dir, config_to_dict
+from tune.data import EncodedData, prepare_data
+from tune.loop import TrainingState, build_training, peak_memory_mb, train_epoch, validate, weight_stats
+from tune.resources import describe_device, trial_device
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sweep", "train")
+
+
+def is_checkpoint_epoch(epoch: int, cfg: Config) -> bool:
+    return epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
+
+
+def selection_score(train_losses: list[float], val_losses: list[float], overfit_weight: float) -> float:
+    """The sweep's rule (SPEC §3): mean of the last 3 val losses + w * |train - val| at the last epoch."""
+    last = val_losses[-3:]
+    return float(np.mean(last)) + overfit_weight * abs(train_losses[-1] - val_losses[-1])
+
+
+def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
+    """One Tune trial: ``params["lr"]`` is the peak learning rate."""
+    assert stage in STAGES, stage
+    lr = float(params["lr"])
+    epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
+    threads = cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_trial))
+    torch.set_num_threads(threads)
+    import ray
+
+    device = trial_device(cfg.resources.gpu if ray.get_gpu_ids() else 0.0)
+    data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    state = build_training(cfg, data, lr, epochs, device)
+    history: dict[str, list[float]] = {"train": [], "val": []}
+    lr_log: list[
+        dict
+    ] = []  # every optimizer step's LR since the last checkpoint (warm-up and restarts, visible)
+
+    start = 1
+    checkpoint = get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            start = restore(state, Path(ckpt_dir), cfg, data) + 1
+            history = json.loads((Path(ckpt_dir) / "meta.json").read_text())["loss_history"]
+        log.warning("resumed %s trial at epoch %d from %s", stage, start, checkpoint.path)
+
+    for epoch in range(start, epochs + 1):
+        save = stage == "train" and is_checkpoint_epoch(epoch, cfg)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tr = train_epoch(state, data, epoch, collect_grad_stats=save)
+        val = validate(
+            state.model,
+            data,
+            "val",
+            tasks=state.tasks,
+            task_weights=state.task_weights,
+            fusion_weights=state.fusion_weights,
+            device=device,
+            autocast_dtype=state.autocast_dtype,
+            collect_activations=save,
+        )
+        lr_log += [{"epoch": epoch, "step_in_epoch": i + 1, "lr": v} for i, v in enumerate(tr.lrs)]
+        history["train"].append(tr.loss)
+        history["val"].append(val.loss)
+        metrics = epoch_metrics(epoch, tr, val, device, cfg, history, lr)
+        if not save:
+            report(metrics)
+            continue
+        detail = {
+            **metrics,
+            "train": {"loss": tr.loss, "accuracy": tr.accuracy, "grad_norm": tr.grad_norm},
+            "lr_log": lr_log,
+            "val": {
+                "loss": val.loss,
+                "accuracy": val.accuracy,
+                "module_loss": val.module_loss,
+                "module_metric": val.module_metric,
+                "task_metric": val.task_metric,
+            },
+            "grad_stats": tr.grad_stats,
+            "weight_stats": weight_stats(state.model),
+            "activation_stats": val.activations,
+        }
+        meta = checkpoint_meta(epoch, cfg, data, lr, device, history)
+        with tempfile.TemporaryDirectory(prefix="redheart-ckpt-") as tmp:
+            ckpt_dir = write_checkpoint(
+                Path(tmp) / f"epoch_{epoch:04d}",
+                model_state=state.model.state_dict(),
+                metrics=detail,
+                meta=meta,
+                resume_state=resume_state(state, epoch),  # older checkpoints' copies are pruned below
+            )
+            report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
+        lr_log = []
+        if cfg.train.keep_resume_state == "latest":
+            persisted = get_checkpoint()  # after report(): the copy Tune persisted in the trial's storage dir
+            if persisted is not None and _is_local(persisted):
+                prune_resume_states(Path(persisted.path).parent, keep=1 if epoch == epochs else 2)
+
+
+def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float) -> dict:
+    """The flat per-epoch row Tune records (result.json, progress.csv, TensorBoard)."""
+    m = {
+        "epoch": epoch,
+        "train_loss": tr.loss,
+        "val_loss": val.loss,
+        "train_acc": tr.accuracy,
+        "val_acc": val.accuracy,
+        "grad_norm": tr.grad_norm,
+        "peak_memory_mb": peak_memory_mb(device),
+        "memory_kind": "gpu_allocated" if device.type == "cuda" else "process_rss",
+        "epoch_time_s": tr.seconds,
+        "lr": tr.lr,
+        "lr_peak": lr,
+        "score": selection_score(history["train"], history["val"], cfg.sweep.overfit_weight),
+    }
+    for module, v in val.module_loss.items():
+        m[f"val_loss/{module}"] = v
+    for module, v in val.module_metric.items():
+        m[f"val_metric/{module}"] = v
+    for task, v in val.task_metric.items():
+        m[f"val_task/{task}"] = v
+    for group, members in GROUPS.items():
+        m[f"val_group_loss/{group}"] = float(np.mean([val.module_loss[x] for x in members]))
+    return m
+
+
+def checkpoint_meta(epoch: int, cfg: Config, data: EncodedData, lr: float, device, history) -> dict:
+    return {
+        "epoch": epoch,
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "config": config_to_dict(cfg),
+        "seed": cfg.run.seed,
+        "lr_peak": lr,
+        "data_fingerprint": data.fingerprint,
+        "split": data.split_record(),
+        "tasks": {t: {"kind": s.kind, "labels": list(s.labels)} for t, s in data.tasks.items()},
+        "input_dim": data.input_dim,
+        "modules": {m: MODULE_TASK[m] for m in MODULE_TASK},
+        "groups": {g: list(ms) for g, ms in GROUPS.items()},
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "device": describe_device(device),
+        "loss_history": history,
+    }
+
+
+def resume_state(state: TrainingState, epoch: int) -> dict:
+    return {
+        "epoch": epoch,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "generator": state.generator.get_state(),
+        "rng": capture_rng(),
+    }
+
+
+def restore(state: TrainingState, directory: Path, cfg: Config, data: EncodedData) -> int:
+    """Load weights and resume state from a checkpoint; return its epoch."""
+    info = verify_checkpoint(directory)
+    if info.meta["data_fingerprint"] != data.fingerprint:
+        raise RuntimeError(
+            f"{directory}: written for data split {info.meta['data_fingerprint'][:12]}, "
+            f"but this run's split is {data.fingerprint[:12]}; resume with the same data settings."
+        )
+    state.model.load_state_dict(load_model_state(directory), strict=True)
+    rs = load_resume_state(directory)
+    state.optimizer.load_state_dict(rs["optimizer"])
+    state.scheduler.load_state_dict(rs["scheduler"])
+    state.scaler.load_state_dict(rs["scaler"])
+    state.generator.set_state(rs["generator"])
+    restore_rng(rs["rng"])
+    return int(rs["epoch"])
+
+
+def _is_local(checkpoint: Checkpoint) -> bool:
+    import pyarrow.fs
+
+    return isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+
+
+def prune_resume_states(trial_dir: Path, keep: int) -> None:
+    """Drop resume state from all but the ``keep`` newest complete checkpoints of this trial.
+
+    While training, the newest two keep it, so a driver killed before its
+    experiment snapshot names the newest checkpoint can still resume from the
+    one before; at the last epoch only the newest keeps it.
+    """
+    found = []
+    for d in trial_dir.glob("checkpoint_*"):
+        meta = d / "meta.json"
+        if (d / MANIFEST).is_file() and meta.is_file():
+            found.append((json.loads(meta.read_text())["epoch"], d))
+    for _, d in sorted(found, reverse=True)[keep:]:
+        drop_resume_state(d)
