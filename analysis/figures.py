@@ -1,0 +1,138 @@
+"""The paper's figures (SPEC §8), each a PNG with the CSV behind it written beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a training box
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig, path: Path, data: pd.DataFrame) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.to_csv(path.with_suffix(".csv"), index=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def lr_sweep_figure(rows: pd.DataFrame, best_lr: float, path: Path) -> Path:
+    """Figure 1: train (dashed) and validation (solid) loss per epoch for each candidate LR."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (lr, df) in enumerate(rows.groupby("lr_peak")):
+        color = f"C{i}"
+        label = f"lr {lr:.0e}" + ("  (chosen)" if lr == best_lr else "")
+        width = 2.5 if lr == best_lr else 1.2
+        axes[0].plot(df["epoch"], df["val_loss"], color=color, lw=width, marker="o", label=label)
+        axes[0].plot(df["epoch"], df["train_loss"], color=color, lw=1, ls="--")
+        axes[1].plot(df["epoch"], df["val_acc"], color=color, lw=width, marker="o", label=label)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="LR sweep: val (solid), train (dashed)")
+    axes[1].set(xlabel="epoch", ylabel="emotion accuracy (val)", title="LR sweep: validation accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path, rows)
+
+
+def learning_curves_figure(
+    epochs: pd.DataFrame, path: Path, checkpoint_epochs: list[int] | None = None
+) -> Path:
+    """Figure 2: train and validation loss per epoch, and each group's validation loss.
+
+    ``epochs`` is the run's per-epoch table (``TrainingRun.epochs``); the
+    ``val_group_loss/<group>`` columns give the right panel.  Checkpoint epochs
+    are marked on the validation curve.
+    """
+    group_cols = [c for c in epochs.columns if c.startswith("val_group_loss/")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(epochs["epoch"], epochs["train_loss"], marker=".", label="train")
+    axes[0].plot(epochs["epoch"], epochs["val_loss"], marker=".", label="validation")
+    if checkpoint_epochs:
+        marked = epochs[epochs["epoch"].isin(checkpoint_epochs)]
+        axes[0].scatter(
+            marked["epoch"], marked["val_loss"], marker="s", s=18, color="k", zorder=3, label="checkpoint"
+        )
+    axes[0].set(xlabel="epoch", ylabel="loss", title="Learning curves")
+    for i, col in enumerate(group_cols):
+        axes[1].plot(epochs["epoch"], epochs[col], marker=".", color=f"C{i}", label=col.split("/", 1)[1])
+    if not group_cols:  # say so on the figure rather than leave a silently empty panel
+        axes[1].text(0.5, 0.5, "no val_group_loss/<group> recorded", ha="center", transform=axes[1].transAxes)
+    axes[1].set(xlabel="epoch", ylabel="validation loss", title="Validation loss per module group")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    cols = ["epoch", "train_loss", "val_loss", *group_cols]
+    return _save(fig, path, epochs[cols])
+
+
+def sweet_spot_heatmap(modules: pd.DataFrame, spots: dict[str, int], path: Path) -> Path:
+    """Figure 3: validation loss per module (rows) and checkpoint epoch (columns); each row's chosen epoch boxed.
+
+    ``modules`` is ``TrainingRun.modules`` (epoch, module, unit, val_loss);
+    ``spots`` maps unit -> epoch.  Each row is scaled to its own range (the
+    modules' losses differ in size); the CSV keeps the raw losses.
+    """
+    from model.groups import MODULES  # rows in the declaration's order: group A, B, C, independent
+
+    present = set(modules["module"])
+    order = [m for m in MODULES if m in present]
+    grid = modules.pivot(index="module", columns="epoch", values="val_loss").reindex(order)
+    lo, hi = grid.min(axis=1), grid.max(axis=1)
+    scaled = grid.sub(lo, axis=0).div((hi - lo).where(hi > lo, 1.0), axis=0)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * grid.shape[1] + 3), 0.35 * grid.shape[0] + 1.5))
+    im = ax.imshow(scaled.to_numpy(dtype=float), aspect="auto", cmap="viridis_r", vmin=0, vmax=1)
+    ax.set_xticks(range(grid.shape[1]), [str(e) for e in grid.columns], fontsize=7)
+    ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
+    unit_of = modules.drop_duplicates("module").set_index("module")["unit"]
+    epochs = list(grid.columns)
+    for row, module in enumerate(grid.index):
+        chosen = spots.get(unit_of[module])
+        if chosen in epochs:
+            col = epochs.index(chosen)
+            ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+    ax.set(xlabel="epoch", title="Validation loss per module (row-scaled; red: chosen sweet spot)")
+    fig.colorbar(im, ax=ax, label="row-scaled loss (0 = row minimum)")
+    data = modules[["epoch", "module", "unit", "val_loss"]].copy()
+    data["chosen"] = [spots.get(u) == e for u, e in zip(data["unit"], data["epoch"], strict=True)]
+    return _save(fig, path, data)
+
+
+def methods_figure(summary: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Figure 4: crossover and ensembles against the baselines, mean ± std over seeds.
+
+    ``summary`` is ``aggregate_seeds(results)``: one row per method with
+    ``<metric>_mean`` and ``<metric>_std`` (std is NaN for a single seed: no bar).
+    """
+    mean, std = summary[f"{metric}_mean"], summary[f"{metric}_std"].fillna(0.0)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(summary) + 2), 4))
+    colors = ["C3" if m.startswith("crossover") else "C0" for m in summary["method"]]
+    ax.bar(summary["method"], mean, yerr=std, capsize=4, color=colors)
+    seeds = int(summary["n_seeds"].max())
+    ax.set(ylabel=metric, title=f"{metric} on the test split (mean ± std over {seeds} seed(s))")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path, summary[["method", "n_seeds", f"{metric}_mean", f"{metric}_std"]])
+
+
+def memory_figure(epochs: pd.DataFrame, path: Path) -> Path | None:
+    """Figure 5 (DSM): peak memory per epoch, when the run recorded it; None when it did not.
+
+    The original's swap history (swap_out / swap_in events) is not recorded by
+    this trainer, so the figure shows the memory use only; ``memory_kind`` says
+    whether it is GPU memory or the process's RSS (a CPU run).
+    """
+    if "peak_memory_mb" not in epochs.columns or epochs["peak_memory_mb"].isna().all():
+        return None
+    kind = epochs["memory_kind"].dropna().iloc[-1] if "memory_kind" in epochs.columns else "unknown"
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(epochs["epoch"], epochs["peak_memory_mb"], marker=".")
+    ax.set(xlabel="epoch", ylabel=f"peak memory (MiB, {kind})", title="Memory use per epoch")
+    ax.grid(alpha=0.3)
+    cols = ["epoch", "peak_memory_mb", *(["memory_kind"] if "memory_kind" in epochs.columns else [])]
+    return _save(fig, path, epochs[cols])

@@ -1,0 +1,210 @@
+"""The stage functions run.py calls: analyse a training run, build its crossover, evaluate every method.
+
+    report  = analyze(experiment_dir, out_dir)                 # sweet_spots.json + figures
+    summary = crossover(experiment_dir, out_dir)               # crossover.safetensors + crossover.json
+    results = evaluate_all(experiment_dir, out_dir)            # selection.json + results.csv
+    summary = summarize_seeds([results.csv, ...], out_dir)     # mean ± std and paired differences over seeds
+
+Each reads the experiment afresh (metrics and manifests, not weights, plus a
+sha256 of every checkpoint file; ``hashes=False`` checks sizes only, for a quick
+look at a big run) and writes only under ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analysis import figures
+from analysis.crossover import DEFAULT_DELTAS, build_crossover, save_state_atomic, variant_spots
+from analysis.experiment import TrainingRun, load_training_run
+from analysis.sweet_spots import select_sweet_spots, sweet_spot_report
+from tune.checkpoints import write_json_atomic
+
+SWEET_SPOTS_FILE = "sweet_spots.json"
+CROSSOVER_WEIGHTS = "crossover.safetensors"
+CROSSOVER_FILE = "crossover.json"
+SELECTION_FILE = "selection.json"
+RESULTS_FILE = "results.csv"
+
+
+def _problems(run: TrainingRun) -> dict[int, str]:
+    return {r.epoch: r.problem for r in run.checkpoints if not r.complete and r.epoch is not None}
+
+
+def _skipped(run: TrainingRun) -> list[dict]:
+    return [
+        {"path": str(r.path), "epoch": r.epoch, "problem": r.problem}
+        for r in run.checkpoints
+        if not r.complete
+    ]
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
+    """CSV through a temporary file and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def analyze(
+    experiment_dir: str | Path, out_dir: str | Path, *, rule: str = "spec", hashes: bool = True
+) -> dict:
+    """Phase 3: sweet spots of every unit (sweet_spots.json) and the learning-curve, heat-map and memory figures."""
+    out = Path(out_dir)
+    run = load_training_run(experiment_dir, hashes=hashes)
+    spots = select_sweet_spots(run.checkpoint_table, rule=rule)
+    report = sweet_spot_report(run.checkpoint_table, spots, run.details, rule=rule)
+    report["experiment"] = str(run.path)
+    report["checkpoints"] = {str(e): str(p) for e, p in run.complete.items()}
+    report["skipped_checkpoints"] = _skipped(run)
+    made = [
+        figures.learning_curves_figure(run.epochs, out / "learning_curves.png", list(run.complete)),
+        figures.sweet_spot_heatmap(run.modules, spots, out / "sweet_spot_heatmap.png"),
+        figures.memory_figure(run.epochs, out / "memory.png"),
+    ]
+    report["figures"] = [str(p) for p in made if p is not None]
+    write_json_atomic(out / SWEET_SPOTS_FILE, report)
+    return report
+
+
+def crossover(
+    experiment_dir: str | Path,
+    out_dir: str | Path,
+    deltas: Sequence[int] = DEFAULT_DELTAS,
+    *,
+    rule: str = "spec",
+    save_variant_weights: bool = False,
+    hashes: bool = True,
+) -> dict:
+    """Phase 4: the crossover model's weights (crossover.safetensors) and crossover.json.
+
+    crossover.json holds the sweet spots, the checkpoint each unit came from, the
+    model config, tasks and input width (enough to rebuild the model with
+    ``analysis.crossover.model_from_meta``), and the ±Δ variants' sweet spots.
+    The variants' weights are written too (``crossover_d<Δ>.safetensors``) only
+    when ``save_variant_weights``: each is as big as the model, and each is
+    rebuilt exactly from the checkpoints and its recorded spots.
+    """
+    out = Path(out_dir)
+    run = load_training_run(experiment_dir, hashes=hashes)
+    spots = select_sweet_spots(run.checkpoint_table, rule=rule)
+    model, sources = build_crossover(spots, run.complete, run.meta, problems=_problems(run))
+    weights = save_state_atomic(model.state_dict(), out / CROSSOVER_WEIGHTS, metadata={"kind": "crossover"})
+    variants = variant_spots(spots, deltas, sorted(run.complete))
+    variant_files = {}
+    if save_variant_weights:
+        for delta, vspots in variants.items():
+            vmodel, _ = build_crossover(vspots, run.complete, run.meta, problems=_problems(run))
+            path = out / f"crossover_d{delta:+d}.safetensors"
+            variant_files[str(delta)] = str(save_state_atomic(vmodel.state_dict(), path, {"kind": "variant"}))
+            del vmodel
+    reference = run.meta[min(run.complete)]
+    summary = {
+        "experiment": str(run.path),
+        "rule": rule,
+        "weights": str(weights),
+        "sweet_spots": spots,
+        "sources": sources,
+        "variants": {str(d): v for d, v in variants.items()},
+        "variant_weights": variant_files,
+        "config": reference["config"],
+        "tasks": reference["tasks"],
+        "input_dim": reference["input_dim"],
+        "data_fingerprint": reference.get("data_fingerprint"),
+        "skipped_checkpoints": _skipped(run),
+    }
+    write_json_atomic(out / CROSSOVER_FILE, summary)
+    return summary
+
+
+def evaluate_all(
+    experiment_dir: str | Path,
+    out_dir: str | Path,
+    seed: int | None = None,
+    *,
+    k: int = 5,
+    deltas: Sequence[int] = DEFAULT_DELTAS,
+    rule: str = "spec",
+    device: str = "cpu",
+    data=None,
+    hashes: bool = True,
+) -> pd.DataFrame:
+    """Select every method on validation data (selection.json), score each once on the test split (results.csv).
+
+    ``seed`` labels the rows; it must equal the training run's seed (None takes
+    it from the checkpoints).  ``data`` is the run's EncodedData when the caller
+    already has it; otherwise it is prepared from the run's config.  Its split
+    fingerprint must equal the one the checkpoints were trained with, or the
+    "test" rows might have been trained on.
+    """
+    from analysis.evaluate import EvalSettings, EvaluationError, evaluate_methods, select_methods, val_only
+    from tune.config import cache_dir, config_from_dict
+
+    out = Path(out_dir)
+    run = load_training_run(experiment_dir, hashes=hashes)
+    if not run.complete:
+        raise EvaluationError(f"{run.path}: no complete checkpoint to evaluate")
+    meta = run.meta[min(run.complete)]
+    cfg = config_from_dict(run.config if run.config is not None else meta["config"], str(run.path))
+    run_seed = int(meta["seed"])
+    if seed is not None and int(seed) != run_seed:
+        raise EvaluationError(
+            f"{run.path} was trained with seed {run_seed}, not {seed}; pass that run's seed"
+        )
+    if data is None:
+        from tune.data import prepare_data
+
+        data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    trained_on = {m.get("data_fingerprint") for m in run.meta.values()}
+    if trained_on != {data.fingerprint}:
+        raise EvaluationError(
+            f"{run.path}: checkpoints were trained on data split(s) {sorted(str(f)[:12] for f in trained_on)}, "
+            f"but the data here is {data.fingerprint[:12]}; evaluate with the run's own data settings"
+        )
+    settings = EvalSettings(
+        tasks=data.tasks,
+        task_weights=dict(cfg.optim.task_weights),
+        fusion_weights=dict(cfg.model.fusion_weights),
+        device=torch.device(device),
+    )
+    plan = select_methods(run, val_only(data), settings, k=k, deltas=deltas, rule=rule)
+    write_json_atomic(
+        out / SELECTION_FILE,
+        {"experiment": str(run.path), "seed": run_seed, "k": k, "rule": rule, "plan": plan},
+    )
+    results = evaluate_methods(plan, run, data, "test", settings)
+    results.insert(1, "seed", run_seed)
+    write_csv_atomic(results, out / RESULTS_FILE)
+    return results
+
+
+def summarize_seeds(
+    result_files: Sequence[str | Path], out_dir: str | Path, metric: str = "emotion_accuracy"
+) -> dict:
+    """Mean ± std over seeds (results_summary.csv), paired differences against best_single
+    (paired_differences.csv) and the methods figure, from several seeds' results.csv."""
+    from analysis.evaluate import aggregate_seeds, paired_differences, read_results
+
+    out = Path(out_dir)
+    results = read_results(result_files)
+    summary = aggregate_seeds(results)
+    diffs = paired_differences(results)
+    write_csv_atomic(results, out / "results_all_seeds.csv")
+    write_csv_atomic(summary, out / "results_summary.csv")
+    write_csv_atomic(diffs, out / "paired_differences.csv")
+    fig = figures.methods_figure(summary, metric, out / f"methods_{metric}.png")
+    return {"summary": summary, "paired_differences": diffs, "figure": str(fig)}

@@ -1,0 +1,99 @@
+"""Aggregation of results.csv rows over seeds (pure pandas, no Ray, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis.evaluate import EvaluationError, aggregate_seeds, paired_differences, read_results
+
+
+def results() -> pd.DataFrame:
+    rows = []
+    for seed, (best, cross) in enumerate([(0.60, 0.65), (0.70, 0.71), (0.50, 0.58)]):
+        rows.append(
+            {
+                "method": "best_single",
+                "seed": seed,
+                "split": "test",
+                "members": "epoch4",
+                "emotion_accuracy": best,
+                "fused_loss": 1.0,
+            }
+        )
+        rows.append(
+            {
+                "method": "crossover",
+                "seed": seed,
+                "split": "test",
+                "members": "...",
+                "emotion_accuracy": cross,
+                "fused_loss": 0.9,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_mean_and_std_over_seeds():
+    s = aggregate_seeds(results()).set_index("method")
+    assert s.loc["crossover", "n_seeds"] == 3
+    assert s.loc["best_single", "emotion_accuracy_mean"] == pytest.approx(0.6)
+    assert s.loc["best_single", "emotion_accuracy_std"] == pytest.approx(0.1)  # sample std (ddof=1)
+    assert "members_mean" not in s.columns and "seed_mean" not in s.columns
+
+
+def test_single_seed_has_no_std():
+    s = aggregate_seeds(results().query("seed == 0")).set_index("method")
+    assert math.isnan(s.loc["crossover", "emotion_accuracy_std"])
+
+
+def test_paired_difference_against_best_single():
+    d = paired_differences(results()).set_index(["method", "metric"])
+    acc = d.loc[("crossover", "emotion_accuracy")]
+    assert acc["n_pairs"] == 3
+    assert acc["mean_diff"] == pytest.approx((0.05 + 0.01 + 0.08) / 3)
+    assert acc["std_diff"] == pytest.approx(pd.Series([0.05, 0.01, 0.08]).std())
+    assert d.loc[("crossover", "fused_loss"), "mean_diff"] == pytest.approx(-0.1)
+    assert "best_single" not in d.index.get_level_values("method")
+
+
+def test_pairs_only_where_both_sides_exist():
+    r = results()
+    r = r[~((r["method"] == "best_single") & (r["seed"] == 2))]
+    d = paired_differences(r).set_index(["method", "metric"])
+    assert d.loc[("crossover", "emotion_accuracy"), "n_pairs"] == 2
+
+
+def test_bad_inputs(tmp_path):
+    r = results()
+    with pytest.raises(EvaluationError, match="twice for one seed"):
+        aggregate_seeds(pd.concat([r, r.iloc[:1]]))
+    with pytest.raises(EvaluationError, match="baseline 'last'"):
+        paired_differences(r, baseline="last")
+    with pytest.raises(EvaluationError, match="no such results file"):
+        read_results([tmp_path / "missing.csv"])
+    r.to_csv(tmp_path / "a.csv", index=False)
+    assert len(read_results([tmp_path / "a.csv"])) == len(r)
+
+
+def test_summarize_seeds_writes_tables_and_figure(tmp_path):
+    from analysis import summarize_seeds
+
+    r = results()
+    files = []
+    for seed, part in r.groupby("seed"):
+        files.append(tmp_path / f"seed{seed}" / "results.csv")
+        files[-1].parent.mkdir()
+        part.to_csv(files[-1], index=False)
+    out = summarize_seeds(files, tmp_path / "summary")
+    assert set(out["summary"]["method"]) == {"best_single", "crossover"}
+    for name in (
+        "results_all_seeds.csv",
+        "results_summary.csv",
+        "paired_differences.csv",
+        "methods_emotion_accuracy.png",
+    ):
+        assert (tmp_path / "summary" / name).stat().st_size > 0
+    assert len(pd.read_csv(tmp_path / "summary" / "methods_emotion_accuracy.csv")) == 2
