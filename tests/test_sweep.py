@@ -75,3 +75,35 @@ def test_sweep_runs_five_trials_through_tune(smoke_cfg, ray_session):
     # A second run reuses the finished experiment instead of training again.
     again = run_sweep(cfg)
     assert again.lr == best.lr and len(ExperimentAnalysis(str(exp)).trials) == 5
+
+
+def test_optuna_search_with_asha(smoke_cfg, ray_session):
+    """sweep.search: optuna samples LRs log-uniformly between the ends of sweep.lrs, trials one at a time."""
+    from ray.tune import ExperimentAnalysis
+
+    from tune.config import cache_dir
+    from tune.data import prepare_data
+
+    cfg = smoke_cfg("sweep.search=optuna", "sweep.num_samples=3", "sweep.asha=true", "sweep.epochs=3")
+    prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    best = run_sweep(cfg)
+    chosen = json.loads(best_lr_path(cfg).read_text())
+    assert chosen["search"] == "optuna" and len(chosen["candidates"]) == 3
+    lo, hi = min(cfg.sweep.lrs), max(cfg.sweep.lrs)
+    assert all(lo <= c["lr"] <= hi for c in chosen["candidates"])
+    assert best.lr in {c["lr"] for c in chosen["candidates"]}
+    trials = ExperimentAnalysis(str(sweep_dir(cfg).parent / f"{cfg.run.name}-sweep")).trials
+    assert len(trials) == 3
+
+
+def test_a_diverging_lr_is_recorded_not_fatal(smoke_cfg, ray_session):
+    from tune.config import cache_dir
+    from tune.data import prepare_data
+
+    cfg = smoke_cfg("sweep.lrs=[1e-3, 1e6]", "optim.grad_clip=0", "optim.warmup_ratio=0")
+    prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    best = run_sweep(cfg)
+    chosen = json.loads(best_lr_path(cfg).read_text())
+    assert best.lr == 1e-3
+    diverged = [c for c in chosen["candidates"] if c["lr"] == 1e6][0]
+    assert not math.isfinite(diverged["score"])

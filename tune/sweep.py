@@ -48,11 +48,12 @@ class Candidate:
     lr: float
     score: float
     history: pd.DataFrame  # one row per epoch, SWEEP_COLUMNS
+    stopped_early: bool = False  # ASHA ended it before sweep.epochs: its score is not comparable
 
 
 def select_lr(candidates: list[Candidate]) -> Candidate:
-    """The lowest score wins; a non-finite score (a diverged trial) never does."""
-    finite = [c for c in candidates if math.isfinite(c.score)]
+    """The lowest score wins; a non-finite score (a diverged trial) or one ASHA stopped early never does."""
+    finite = [c for c in candidates if math.isfinite(c.score) and not c.stopped_early]
     if not finite:
         raise RuntimeError("every LR candidate diverged (non-finite scores); lower sweep.lrs")
     return min(finite, key=lambda c: (c.score, c.lr))
@@ -107,7 +108,8 @@ def run_sweep(cfg: Config) -> Candidate:
         )
         lr = float(r.config["lr"])
         score = selection_score(df["train_loss"].tolist(), df["val_loss"].tolist(), cfg.sweep.overfit_weight)
-        candidates.append(Candidate(lr=lr, score=score, history=df))
+        stopped = len(df) < cfg.sweep.epochs
+        candidates.append(Candidate(lr=lr, score=score, history=df, stopped_early=stopped))
     candidates.sort(key=lambda c: c.lr)
     best = select_lr(candidates)
     write_sweep_outputs(cfg, candidates, best, path)
@@ -139,6 +141,8 @@ def write_sweep_outputs(cfg: Config, candidates: list[Candidate], best: Candidat
                 {
                     "lr": c.lr,
                     "score": c.score,
+                    "epochs_run": len(c.history),
+                    "stopped_early": c.stopped_early,
                     "final_train_loss": float(c.history["train_loss"].iloc[-1]),
                     "final_val_loss": float(c.history["val_loss"].iloc[-1]),
                     "final_val_acc": float(c.history["val_acc"].iloc[-1]),

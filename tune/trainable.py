@@ -32,7 +32,15 @@ from tune.checkpoints import (
 )
 from tune.config import Config, cache_dir, config_to_dict
 from tune.data import EncodedData, prepare_data
-from tune.loop import TrainingState, build_training, peak_memory_mb, train_epoch, validate, weight_stats
+from tune.loop import (
+    NonFiniteLossError,
+    TrainingState,
+    build_training,
+    peak_memory_mb,
+    train_epoch,
+    validate,
+    weight_stats,
+)
 from tune.resources import describe_device, trial_device
 
 log = logging.getLogger(__name__)
@@ -79,7 +87,15 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
         save = stage == "train" and is_checkpoint_epoch(epoch, cfg)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        tr = train_epoch(state, data, epoch, collect_grad_stats=save)
+        try:
+            tr = train_epoch(state, data, epoch, collect_grad_stats=save)
+        except NonFiniteLossError as exc:
+            if stage != "sweep":
+                raise  # training stops with the error; earlier checkpoints stay intact
+            # In the sweep a diverging LR is a result, not a failure: record it and end this trial.
+            log.warning("lr %.1e diverged: %s", lr, exc)
+            report(diverged_row(epoch, lr, str(exc)))
+            return
         val = validate(
             state.model,
             data,
@@ -157,6 +173,32 @@ def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float) -> di
     return m
 
 
+def diverged_row(epoch: int, lr: float, reason: str) -> dict:
+    """The sweep's record of an LR whose loss became non-finite: NaN losses, an infinite score."""
+    nan = float("nan")
+    row = {
+        k: nan
+        for k in (
+            "train_loss",
+            "val_loss",
+            "train_acc",
+            "val_acc",
+            "grad_norm",
+            "peak_memory_mb",
+            "epoch_time_s",
+            "lr",
+        )
+    }
+    return {
+        **row,
+        "epoch": epoch,
+        "lr_peak": lr,
+        "memory_kind": "",
+        "score": float("inf"),
+        "diverged": reason,
+    }
+
+
 def checkpoint_meta(epoch: int, cfg: Config, data: EncodedData, lr: float, device, history) -> dict:
     return {
         "epoch": epoch,
@@ -165,7 +207,7 @@ def checkpoint_meta(epoch: int, cfg: Config, data: EncodedData, lr: float, devic
         "seed": cfg.run.seed,
         "lr_peak": lr,
         "data_fingerprint": data.fingerprint,
-        "split": data.split_record(),
+        "split": {k: v for k, v in data.split_record().items() if k != "ids"},  # ids: <experiment>/split.json
         "tasks": {t: {"kind": s.kind, "labels": list(s.labels)} for t, s in data.tasks.items()},
         "input_dim": data.input_dim,
         "modules": {m: MODULE_TASK[m] for m in MODULE_TASK},
