@@ -69,10 +69,17 @@ def experiment_state(path: Path) -> dict[str, str] | None:
 
 
 CONFIG_FILE = "redheart_config.json"
+SPLIT_FILE = "split.json"
 
 
 def save_experiment_config(cfg: Config, path: Path, stage: str) -> None:
+    """The config (for ``resume``) and the data split with every record id (recorded with the run)."""
+    from tune.config import cache_dir
+    from tune.data import prepare_data
+
     write_json_atomic(path / CONFIG_FILE, {"stage": stage, "config": config_to_dict(cfg)})
+    split = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).split_record()
+    write_json_atomic(path / SPLIT_FILE, split)
 
 
 def load_experiment_config(path: Path) -> tuple[Config, str]:
