@@ -205,7 +205,8 @@ def cmd_all(args: list[str]) -> None:
     result_files = []
     for k in range(seeds):
         seed = base.run.seed + k
-        extra = [] if seeds == 1 else [f"run.seed={seed}", f"run.name={base.run.name}-seed{seed}"]
+        # The first seed is the base run itself (reused if already trained); others get their own names.
+        extra = [] if k == 0 else [f"run.seed={seed}", f"run.name={base.run.name}-seed{seed}"]
         path, ov = _split_args(args)
         cfg = load_config(path, [*ov, *extra])
         out = _analysis_dir(cfg) if seeds == 1 else _analysis_dir(cfg) / f"seed{seed}"

@@ -45,7 +45,8 @@ def test_round_trip_per_group(tmp_path):
     info = verify_checkpoint(d)
     assert info.epoch == 2 and info.has_resume_state
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        [f"{g}.safetensors" for g in GROUPS] + ["metrics.json", "meta.json", "manifest.json", "resume_state.pt"]
+        [f"{g}.safetensors" for g in GROUPS]
+        + ["metrics.json", "meta.json", "manifest.json", "resume_state.pt"]
     )
     state = fake_state()
     for group, members in GROUPS.items():

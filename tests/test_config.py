@@ -34,7 +34,9 @@ def test_730m_has_the_spec_settings():
 
 
 def test_overrides_apply_and_parse_yaml_values():
-    cfg = load_config(REPO / "configs" / "default.yaml", ["sweep.epochs=4", "sweep.lrs=[1e-5, 2e-4]", "run.seed=7"])
+    cfg = load_config(
+        REPO / "configs" / "default.yaml", ["sweep.epochs=4", "sweep.lrs=[1e-5, 2e-4]", "run.seed=7"]
+    )
     assert cfg.sweep.epochs == 4 and cfg.sweep.lrs == (1e-5, 2e-4) and cfg.run.seed == 7
 
 
@@ -46,7 +48,13 @@ def test_all_problems_reported_at_once_with_key_paths():
         )
     msg = str(err.value)
     assert "5 problem(s)" in msg
-    for needle in ("sweep.epoch: unknown key", "optim.lr: 'abc'", "data.source: 'foo'", "resources.gpu", "bogus: unknown key"):
+    for needle in (
+        "sweep.epoch: unknown key",
+        "optim.lr: 'abc'",
+        "data.source: 'foo'",
+        "resources.gpu",
+        "bogus: unknown key",
+    ):
         assert needle in msg, needle
     assert "allowed keys here: lrs, epochs" in msg
 

@@ -282,11 +282,11 @@ def train_epoch(
         with _autocast(state):
             outputs = model(batch.tokens, batch.mask, batch.pooled)
         losses = module_losses(_float(outputs), batch.targets, batch.target_mask, state.tasks)
-        step = epoch_step = i // state.grad_accum
+        step = i // state.grad_accum  # optimizer step within the epoch (0-based)
         _check_finite(losses, epoch, step + 1)
         loss = total_loss(losses, state.task_weights)
         # Each micro-batch weighs by its share of the accumulation window, so a short last window is not overweighted.
-        window = min(state.grad_accum, total_batches - epoch_step * state.grad_accum)
+        window = min(state.grad_accum, total_batches - step * state.grad_accum)
         state.scaler.scale(loss / window).backward()
         bsz = batch.pooled.shape[0]
         loss_sum += loss.item() * bsz
