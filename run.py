@@ -57,16 +57,22 @@ def _prepare(cfg) -> None:
 
 
 def cmd_sweep(args: list[str]) -> None:
-    from analysis.figures import lr_sweep_figure
     from tune.resources import start_ray
-    from tune.sweep import best_lr_path, run_sweep, sweep_dir
 
     cfg, _ = _load(args)
     _prepare(cfg)
     start_ray(cfg)
-    best = run_sweep(cfg)
+    _sweep(cfg)
+
+
+def _sweep(cfg) -> None:
+    """Run (or reuse) the sweep, draw its figure, print every candidate's score."""
     import pandas as pd
 
+    from analysis.figures import lr_sweep_figure
+    from tune.sweep import best_lr_path, run_sweep, sweep_dir
+
+    best = run_sweep(cfg)
     rows = pd.read_csv(sweep_dir(cfg) / "lr_sweep_all.csv")
     fig = lr_sweep_figure(rows, best.lr, sweep_dir(cfg) / "lr_sweep.png")
     scores = json.loads(best_lr_path(cfg).read_text())["candidates"]
@@ -190,7 +196,6 @@ def cmd_all(args: list[str]) -> None:
     from tune.config import load_config, output_root
     from tune.resources import start_ray
     from tune.runner import experiment_dir
-    from tune.sweep import run_sweep
     from tune.train import is_finished, run_train
 
     seeds = 1
@@ -201,7 +206,7 @@ def cmd_all(args: list[str]) -> None:
     base, _ = _load(args)
     _prepare(base)
     start_ray(base)
-    run_sweep(base)
+    _sweep(base)
     result_files = []
     for k in range(seeds):
         seed = base.run.seed + k
