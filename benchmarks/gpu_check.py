@@ -40,7 +40,9 @@ def export(path: Path) -> None:
     tokens = np.concatenate([d.tokens[s : s + n] for s, n in zip(d.token_start, d.token_length, strict=True)])
     starts = np.concatenate([[0], np.cumsum(d.token_length)[:-1]]).astype(np.int64)
     arrays = {"tokens": tokens, "token_start": starts, "token_length": d.token_length, "pooled": d.pooled}
-    arrays |= {f"target/{t}": v for t, v in d.targets.items()} | {f"mask/{t}": v for t, v in d.target_mask.items()}
+    arrays |= {f"target/{t}": v for t, v in d.targets.items()} | {
+        f"mask/{t}": v for t, v in d.target_mask.items()
+    }
     arrays |= {f"split/{s}": v for s, v in d.splits.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
@@ -80,19 +82,18 @@ def load(path: Path) -> EncodedData:
 
 
 def train_check(data: EncodedData, precision: str, epochs: int) -> None:
-    from tune.loop import build_training, train_epoch, validate
+    from tune.loop import build_training, train_epoch, validate_state
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", [f"optim.precision={precision}", "optim.lr=1e-3"])
     device = torch.device("cuda", 0)
     torch.cuda.reset_peak_memory_stats(device)
     state = build_training(cfg, data, cfg.optim.lr, epochs, device)
-    print(f"[{precision}] autocast dtype {state.autocast_dtype}, grad scaler enabled: {state.scaler.is_enabled()}")
+    print(
+        f"[{precision}] autocast dtype {state.autocast_dtype}, grad scaler enabled: {state.scaler.is_enabled()}"
+    )
     for epoch in range(1, epochs + 1):
         tr = train_epoch(state, data, epoch, collect_grad_stats=True)
-        val = validate(
-            state.model, data, "val", tasks=state.tasks, task_weights=state.task_weights,
-            fusion_weights=state.fusion_weights, device=device, autocast_dtype=state.autocast_dtype,
-        )
+        val = validate_state(state, data)
         assert np.isfinite(tr.loss) and np.isfinite(val.loss)
         print(
             f"[{precision}] epoch {epoch}: train {tr.loss:.4f} val {val.loss:.4f} acc {val.accuracy:.3f} "

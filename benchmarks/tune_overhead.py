@@ -33,7 +33,7 @@ def main() -> None:
     from tune.checkpoints import write_checkpoint
     from tune.config import cache_dir, load_config
     from tune.data import prepare_data
-    from tune.loop import build_training, train_epoch, validate, weight_stats
+    from tune.loop import build_training, train_epoch, validate_state, weight_stats
     from tune.resources import start_ray
     from tune.train import run_train
     from tune.trainable import is_checkpoint_epoch, resume_state
@@ -64,16 +64,7 @@ def main() -> None:
             e0 = time.perf_counter()
             save = is_checkpoint_epoch(epoch, cfg)
             tr = train_epoch(state, data, epoch, collect_grad_stats=save)
-            val = validate(
-                state.model,
-                data,
-                "val",
-                tasks=state.tasks,
-                task_weights=state.task_weights,
-                fusion_weights=state.fusion_weights,
-                device=state.device,
-                collect_activations=save,
-            )
+            val = validate_state(state, data, collect_activations=save)
             if save:
                 write_checkpoint(
                     Path(tmp) / "bare" / f"epoch_{epoch:04d}",

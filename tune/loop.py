@@ -408,3 +408,20 @@ def validate(
         accuracy=task_metric.get("emotion", float("nan")),
         activations=activations,
     )
+
+
+def validate_state(
+    state: TrainingState, data: EncodedData, split: str = "val", *, collect_activations: bool = False
+) -> ValidationResult:
+    """``validate`` with a training state's model, device, precision and loss settings."""
+    return validate(
+        state.model,
+        data,
+        split,
+        tasks=state.tasks,
+        task_weights=state.task_weights,
+        fusion_weights=state.fusion_weights,
+        device=state.device,
+        autocast_dtype=state.autocast_dtype,
+        collect_activations=collect_activations,
+    )

@@ -38,7 +38,7 @@ from tune.loop import (
     build_training,
     peak_memory_mb,
     train_epoch,
-    validate,
+    validate_state,
     weight_stats,
 )
 from tune.resources import describe_device, trial_device
@@ -96,17 +96,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
             log.warning("lr %.1e diverged: %s", lr, exc)
             report(diverged_row(epoch, lr, str(exc)))
             return
-        val = validate(
-            state.model,
-            data,
-            "val",
-            tasks=state.tasks,
-            task_weights=state.task_weights,
-            fusion_weights=state.fusion_weights,
-            device=device,
-            autocast_dtype=state.autocast_dtype,
-            collect_activations=save,
-        )
+        val = validate_state(state, data, collect_activations=save)
         lr_log += [{"epoch": epoch, "step_in_epoch": i + 1, "lr": v} for i, v in enumerate(tr.lrs)]
         history["train"].append(tr.loss)
         history["val"].append(val.loss)
