@@ -269,10 +269,11 @@ def cmd_status(args: list[str]) -> None:
 def cmd_params(args: list[str]) -> None:
     from model.report import format_params_report, params_report
     from tune.data import task_specs
+    from tune.data.encoding import ENCODER_DIMS
 
     as_json = "--json" in args
     cfg, _ = _load([a for a in args if a != "--json"])
-    report = params_report(cfg.model, task_specs(cfg.data.source), input_dim=384)
+    report = params_report(cfg.model, task_specs(cfg.data.source), input_dim=ENCODER_DIMS[cfg.data.encoder])
     print(json.dumps(report, indent=2) if as_json else format_params_report(report))
 
 

