@@ -76,8 +76,18 @@ def test_six_epochs_through_tune_leave_checkpoints_2_4_6(smoke_cfg, ray_session)
 
 
 def _ray_processes() -> set[int]:
+    """Ray processes outside this test process's own session (so the session-wide Ray fixture's workers,
+    which may come and go, never count as leftovers of a driver the test started)."""
     out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    own = os.getsid(0)
+    pids = set()
+    for p in map(int, out.split()):
+        try:
+            if os.getsid(p) != own:
+                pids.add(p)
+        except ProcessLookupError:
+            pass  # ended between pgrep and here
+    return pids
 
 
 def _run(args, root: Path, cache: Path, **kw):
