@@ -18,21 +18,9 @@ from ray.tune import TuneConfig, grid_search, loguniform
 from tune.checkpoints import write_json_atomic
 from tune.config import Config, output_root
 from tune.runner import experiment_dir, experiment_state, fit, save_experiment_config
-from tune.trainable import selection_score
+from tune.trainable import EPOCH_COLUMNS, selection_score
 
-SWEEP_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "train_acc",
-    "val_acc",
-    "grad_norm",
-    "peak_memory_mb",
-    "memory_kind",
-    "epoch_time_s",
-    "lr",
-    "lr_peak",
-]
+SWEEP_COLUMNS = EPOCH_COLUMNS
 
 
 def sweep_dir(cfg: Config) -> Path:

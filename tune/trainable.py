@@ -48,6 +48,22 @@ log = logging.getLogger(__name__)
 STAGES = ("sweep", "train")
 
 
+# The scalar columns every epoch reports (``epoch_metrics``), in the order the sweep's per-LR CSVs use.
+EPOCH_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "train_acc",
+    "val_acc",
+    "grad_norm",
+    "peak_memory_mb",
+    "memory_kind",
+    "epoch_time_s",
+    "lr",
+    "lr_peak",
+]
+
+
 def is_checkpoint_epoch(epoch: int, cfg: Config) -> bool:
     return epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
 
@@ -165,20 +181,8 @@ def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float) -> di
 
 def diverged_row(epoch: int, lr: float, reason: str) -> dict:
     """The sweep's record of an LR whose loss became non-finite: NaN losses, an infinite score."""
-    nan = float("nan")
-    row = {
-        k: nan
-        for k in (
-            "train_loss",
-            "val_loss",
-            "train_acc",
-            "val_acc",
-            "grad_norm",
-            "peak_memory_mb",
-            "epoch_time_s",
-            "lr",
-        )
-    }
+    numeric = [c for c in EPOCH_COLUMNS if c not in ("epoch", "lr_peak", "memory_kind")]
+    row = dict.fromkeys(numeric, float("nan"))
     return {
         **row,
         "epoch": epoch,
