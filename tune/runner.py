@@ -103,19 +103,17 @@ def fit(cfg: Config, stage: str, *, param_space: dict, tune_config: TuneConfig, 
     """Start a new experiment, or restore ``<output_root>/<name>-<stage>`` when ``resume`` is set."""
     path = experiment_dir(cfg, stage)
     trainable = trainable_for(cfg, stage)
-    callbacks = [EpochPrinter(stage, epochs)]
     if resume:
         if not Tuner.can_restore(str(path)):
             raise ExperimentError(f"{path}: no Tune experiment to resume there")
         tuner = Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        # Restored runs keep their original RunConfig; our printer is re-attached through the private field
-        # only if Ray exposes it, so progress may print less after a restore.
+        # The restored run keeps its original RunConfig, the epoch printer included.
     else:
         run_config = RunConfig(
             name=path.name,
             storage_path=str(path.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # all kept: the crossover needs every epoch
-            callbacks=callbacks,
+            callbacks=[EpochPrinter(stage, epochs)],
             verbose=0,
         )
         tuner = Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
