@@ -170,8 +170,7 @@ def _evaluate(cfg, out_dir):
     from analysis import evaluate_all
     from tune.runner import experiment_dir
 
-    results = evaluate_all(experiment_dir(cfg, "train"), out_dir, seed=cfg.run.seed)
-    return results
+    return evaluate_all(experiment_dir(cfg, "train"), out_dir, seed=cfg.run.seed)
 
 
 def _print_results(results) -> None:

@@ -26,7 +26,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--cache", default=None, help="data cache dir (default: the config's)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: the config's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads on both sides (default: the config's)"
+    )
     args = ap.parse_args()
 
     import torch

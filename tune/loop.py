@@ -209,11 +209,11 @@ class ActivationStats:
 
     def _hook(self, key: str):
         def hook(_mod, _inp, output):
-            tensors = [
-                t for t in (output if isinstance(output, tuple | list) else [output]) if torch.is_tensor(t)
-            ]
             if isinstance(output, dict):
-                tensors = [t for t in output.values() if torch.is_tensor(t)]
+                output = list(output.values())
+            if not isinstance(output, tuple | list):
+                output = [output]
+            tensors = [t for t in output if torch.is_tensor(t)]
             acc = self.sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])
             for t in tensors:
                 t = t.detach().float()
