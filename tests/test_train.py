@@ -121,11 +121,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
 
     proc = _run(["train"], cut_root, data_cache)
     exp = cut_root / "smoke-train"
-    deadline = time.time() + 300
-    while time.time() < deadline and 4 not in checkpoints_of(exp):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    assert 4 in checkpoints_of(exp), "second checkpoint never appeared"
+    _wait_for_checkpoint(proc, exp, 4)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
     proc.wait()
     # Ray's head processes share the driver's fate; its two idle node agents may not, so clear what is
@@ -160,10 +156,7 @@ def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, data_cache):
     before = _ray_processes()
     proc = _run(["train"], tmp_path, data_cache)
     exp = tmp_path / "smoke-train"
-    deadline = time.time() + 300
-    while time.time() < deadline and 2 not in checkpoints_of(exp):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
+    _wait_for_checkpoint(proc, exp, 2)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     deadline = time.time() + 30
@@ -171,6 +164,15 @@ def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, data_cache):
         time.sleep(0.5)
     assert not (_ray_processes() - before), out[-2000:]
     assert 2 in checkpoints_of(exp)  # what was written stays
+
+
+def _wait_for_checkpoint(proc, experiment: Path, epoch: int) -> None:
+    """Poll until the running driver ``proc`` has written the checkpoint of ``epoch``."""
+    deadline = time.time() + 300
+    while time.time() < deadline and epoch not in checkpoints_of(experiment):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    assert epoch in checkpoints_of(experiment), f"checkpoint of epoch {epoch} never appeared"
 
 
 def _kill_group(pgid: int) -> None:
