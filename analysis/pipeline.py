@@ -12,8 +12,6 @@ look at a big run) and writes only under ``out_dir``.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from analysis import figures
 from analysis.crossover import DEFAULT_DELTAS, build_crossover, save_state_atomic, variant_spots
 from analysis.experiment import TrainingRun, load_training_run
 from analysis.sweet_spots import select_sweet_spots, sweet_spot_report
-from tune.checkpoints import write_json_atomic
+from tune.files import write_atomic, write_json_atomic
 
 SWEET_SPOTS_FILE = "sweet_spots.json"
 CROSSOVER_WEIGHTS = "crossover.safetensors"
@@ -46,18 +44,8 @@ def _skipped(run: TrainingRun) -> list[dict]:
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
-    """CSV through a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """A table as CSV (no index column), written atomically."""
+    return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def analyze(

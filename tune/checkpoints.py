@@ -16,11 +16,8 @@ A checkpoint is complete only when its manifest exists and every file matches it
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.groups import GROUPS, modules_of_group
+from tune.files import sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -45,30 +43,6 @@ class CheckpointError(RuntimeError):
 
 def group_file(group: str) -> str:
     return f"{group}.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and os.replace, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def split_state_by_group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -148,7 +122,7 @@ def write_checkpoint(
     manifest = {
         "format": FORMAT_VERSION,
         "files": {
-            n: {"bytes": (directory / n).stat().st_size, "sha256": _sha256(directory / n)} for n in files
+            n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)} for n in files
         },
     }
     write_json_atomic(directory / MANIFEST, manifest)
@@ -207,7 +181,7 @@ def verify_checkpoint(directory: Path, *, hashes: bool = True) -> CheckpointInfo
             raise CheckpointError(
                 f"{path}: {size} bytes, the manifest says {entry['bytes']}: truncated or overwritten"
             )
-        if hashes and _sha256(path) != entry["sha256"]:
+        if hashes and sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the manifest: the file is corrupt")
     meta = json.loads((directory / META).read_text())
     metrics = json.loads((directory / METRICS).read_text())

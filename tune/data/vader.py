@@ -46,7 +46,6 @@ Mean targets: emotion (0.378, 0.186, 0.436), bentham (0.354, 0.796, 0.936).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -61,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from model.tasks import TaskSpec
+from tune.files import sha256_file
 
 from .errors import DataError
 from .raw import RawData
@@ -109,14 +109,6 @@ def task_specs() -> dict[str, TaskSpec]:
 
 
 # ----------------------------------------------------------------------------- fetch
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip_command(download_dir: Path) -> list[str]:
@@ -224,7 +216,7 @@ def fetch_vader(cache_dir: Path) -> Path:
                 f"pip reported success but {sdist} is not there. Download {SDIST_NAME} from {SDIST_URL} "
                 f"and put it at {sdist}."
             )
-    digest = _sha256(sdist)
+    digest = sha256_file(sdist)
     if digest != SDIST_SHA256:
         raise DataError(
             f"{sdist}: sha256 {digest} does not match the expected {SDIST_SHA256}. The file is corrupt or "
