@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ BAD_RECORDS = {
     "missing key": (lambda r: r["bentham_scores"].pop("propinquity"), "bentham_scores", "propinquity"),
     "unknown key": (_set("surd_metrics.risky", 0.3), "surd_metrics", "risky"),
     "id not a string": (_set("id", 17), "id", "int"),
+    "empty text": (_set("text", ""), "text", "empty"),
+    "whitespace text": (_set("text", " \n\t "), "text", "only whitespace"),
 }
 
 
@@ -233,7 +236,7 @@ def test_vader_parsing_and_mapping(tmp_path):
     # tweets/1: ratings -2, -1, 0, 3: mean 0, population sd sqrt(3.5).
     np.testing.assert_allclose(emotion[0], [0.5, 0.25, 0.25])
     np.testing.assert_allclose(bentham[0], [0.0, 1 - math.sqrt(3.5) / 4, 2 / 3], rtol=1e-6)
-    np.testing.assert_allclose(regret[0], [0.5])
+    np.testing.assert_allclose(regret[0], [0.0])  # median -0.5: nobody at -2.5 or below
     # tweets/2: all zero: neutral, no spread, purity 1 by definition.
     np.testing.assert_allclose(emotion[1], [0, 1, 0])
     np.testing.assert_allclose(bentham[1], [0, 1, 1])
@@ -242,11 +245,12 @@ def test_vader_parsing_and_mapping(tmp_path):
     np.testing.assert_allclose(bentham[2], [1, 1, 1])
     # amazon/1_1: -4, -3, -4.
     np.testing.assert_allclose(bentham[4, 0], 11 / 12, rtol=1e-6)
-    np.testing.assert_allclose(regret[4], [1.0])
+    np.testing.assert_allclose(regret[4], [0.0])  # unanimously negative: no dissent below the median
+    # movies/2: 1, 2, -1: median 1, and -1 is 2 below it: one rater of three dissents.
+    np.testing.assert_allclose(regret[3], [1 / 3], rtol=1e-6)
     # Shares sum to 1; purity in [0.5, 1]; all in [0, 1].
     np.testing.assert_allclose(emotion.sum(1), 1, rtol=1e-6)
     assert (bentham[:, 2] >= 0.5).all() and (bentham >= 0).all() and (bentham <= 1).all()
-    np.testing.assert_array_equal(regret[:, 0], emotion[:, 0])
     assert [s.kind for s in data.tasks.values()] == [
         "soft_classification",
         "regression",
@@ -254,6 +258,16 @@ def test_vader_parsing_and_mapping(tmp_path):
         "classification",
     ]
     assert data.tasks == task_specs("vader")
+
+
+def test_vader_tasks_carry_distinct_signals(data_cache):
+    """Over the real 23,703 sentences no target of one task repeats a target of another (regret used to be
+    emotion's negative share, correlation 1.0)."""
+    corr = vader.target_correlations(vader.load_vader(vader.fetch_vader(data_cache)))
+    task = {name: name.split("/")[0] for name in corr.columns}
+    across = [abs(corr.loc[a, b]) for a in corr.index for b in corr.columns if task[a] != task[b]]
+    assert max(across) < 0.8
+    assert corr["regret"].drop("regret").abs().max() < 0.5
 
 
 def test_vader_join_mismatch_is_an_error(tmp_path):
@@ -588,3 +602,33 @@ def test_prepare_data_on_the_sample(tmp_path, monkeypatch):
     again = prepare_data(cfg, tmp_path / "cache", show_progress=False)
     assert again.fingerprint == data.fingerprint
     np.testing.assert_array_equal(again.pooled, data.pooled)
+
+
+def test_fingerprint_covers_encoder_max_tokens_texts_and_targets(tmp_path, monkeypatch):
+    """A run resumed or evaluated on data encoded differently, or with other texts or labels, is refused by the
+    fingerprint; so everything that changes what the model sees must change it, not only the split's ids."""
+    cfg = DataConfig(source="redheart", path=str(SAMPLE), max_samples=None, max_tokens=16)
+
+    def fingerprint(**changes) -> str:
+        return prepare_data(replace(cfg, **changes), tmp_path / "cache", show_progress=False).fingerprint
+
+    base = fingerprint()
+    assert fingerprint() == base
+    assert fingerprint(max_tokens=24) != base
+    monkeypatch.setattr(encoding, "version", lambda package: "9.9.9")  # another release of the encoder
+    assert fingerprint() != base
+    monkeypatch.undo()
+    for mutate in (_set("text", "Another anecdote entirely."), _set("regret_factor", 0.99)):
+        records = _records()
+        mutate(records[0])  # same ids, same split: only the content differs
+        assert fingerprint(path=str(_write(tmp_path, records))) != base
+
+
+def test_a_sample_cap_says_how_many_records_it_kept(tmp_path):
+    records = _records()
+    many = [{**records[i % 3], "id": f"r{i}"} for i in range(12)]
+    cfg = DataConfig(source="redheart", path=str(_write(tmp_path, many)), max_samples=10, max_tokens=16)
+    capped = prepare_data(cfg, tmp_path / "cache", show_progress=False)
+    assert "redheart: 10 of 12 records used (data.max_samples);" in capped.summary()
+    whole = prepare_data(replace(cfg, max_samples=None), tmp_path / "cache", show_progress=False)
+    assert whole.summary().startswith("redheart: 12 records; split train ")

@@ -28,6 +28,7 @@ from .dataset import (
     SPLITS,
     Batch,
     EncodedData,
+    content_digest,
     iterate_batches,
     make_batch,
     num_batches,
@@ -95,8 +96,9 @@ def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True
     """
     cache_dir = Path(cache_dir)
     raw, report = _load_source(cfg, cache_dir)
+    available = len(raw)
     shares = tuple(float(s) for s in cfg.split)
-    kept, splits = sample_and_split(len(raw), raw.strata, cfg.max_samples, shares, cfg.split_seed)
+    kept, splits = sample_and_split(available, raw.strata, cfg.max_samples, shares, cfg.split_seed)
     raw = raw.take(kept)
     encodings = encode_texts(
         raw.texts,
@@ -106,12 +108,17 @@ def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True
         cache_dir=cache_dir,
         show_progress=show_progress,
     )
+    # Everything that changes what the model sees goes into the fingerprint (see split_fingerprint).
     params = {
         "source": cfg.source,
+        "records_available": available,
         "max_samples": cfg.max_samples,
         "split_seed": cfg.split_seed,
         "shares": list(shares),
         "stratified_by": "corpus" if raw.strata is not None else None,
+        "encoder": encodings.encoder,
+        "max_tokens": cfg.max_tokens,
+        "content_sha256": content_digest(raw.texts, raw.targets, raw.target_mask),
     }
     data = EncodedData(
         tokens=encodings.tokens,

@@ -91,8 +91,26 @@ def sample_and_split(
     return kept, splits
 
 
+def content_digest(
+    texts: tuple[str, ...], targets: dict[str, np.ndarray], masks: dict[str, np.ndarray]
+) -> str:
+    """sha256 over every text (in row order) and every target and mask array: a changed label or text changes it."""
+    digest = hashlib.sha256(json.dumps(list(texts)).encode("utf-8"))
+    for name in sorted(targets):
+        for kind, array in (("target", targets[name]), ("mask", masks[name])):
+            a = np.ascontiguousarray(array)
+            digest.update(f"{kind}/{name}:{a.dtype.str}:{a.shape}".encode())
+            digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
 def split_fingerprint(ids: tuple[str, ...], splits: dict[str, np.ndarray], params: dict[str, Any]) -> str:
-    """sha256 over the ids of each split and the split parameters."""
+    """sha256 over the ids of each split and the split parameters.
+
+    ``prepare_data``'s parameters name everything else that changes what a model
+    sees: the encoder's identity and ``max_tokens`` (the encoded inputs) and a
+    ``content_digest`` of the texts and targets.
+    """
     payload = {"params": params, "splits": {name: [ids[i] for i in rows] for name, rows in splits.items()}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -115,8 +133,10 @@ class EncodedData:
     ids: (N,) record ids; texts: the encoded texts, or None.
     tasks: the task descriptions the targets follow.
     splits: "train" / "val" / "test" -> sorted (n_split,) int64 row indices.
-    split_params: source, seed, shares and sample cap that made the split.
-    fingerprint: sha256 over the ids of each split and ``split_params``.
+    split_params: source, records available, sample cap, seed and shares that made the split, and the
+        encoder, max_tokens and content digest (texts and targets) of the rows.
+    fingerprint: sha256 over the ids of each split and ``split_params``: any change to the data the
+        model sees changes it.
     encoder: "<package>==<version>" that made the encodings; max_tokens: its cut.
     load_report: what loading a record file kept and skipped (redheart), else None.
     """
@@ -156,6 +176,19 @@ class EncodedData:
             "counts": {name: int(len(rows)) for name, rows in self.splits.items()},
             "ids": {name: [self.ids[i] for i in rows] for name, rows in self.splits.items()},
         }
+
+    def summary(self) -> str:
+        """One console line: records used (and of how many, when ``data.max_samples`` cut them), split, fingerprint."""
+        available = self.split_params.get("records_available", len(self))
+        used = f"{len(self):,} records"
+        if available > len(self):
+            used = f"{len(self):,} of {available:,} records used (data.max_samples)"
+        if self.load_report is not None and self.load_report.skipped:
+            used += f", {self.load_report.skipped:,} bad records skipped (data.on_bad_record=skip)"
+        split = " / ".join(f"{name} {len(rows):,}" for name, rows in self.splits.items())
+        return (
+            f"{self.split_params.get('source')}: {used}; split {split}; fingerprint {self.fingerprint[:12]}"
+        )
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{name}={len(rows)}" for name, rows in self.splits.items())

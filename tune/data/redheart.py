@@ -1,6 +1,7 @@
 """Loader for the user's Red Heart JSON records (``data.source: redheart``).
 
-The file is a JSON list of records (see ORIGINAL.md, "Data format")::
+The file is a JSON list of records (README, "Your own data: the Red Heart format";
+an example is tests/data/redheart_sample.json)::
 
     {"id": "...", "text": "...", "title": "...", "action": "...", "label": "OTHER",
      "emotions": [0.1, 0.05, 0.15, 0.05, 0.2, 0.25, 0.2],   # Joy, Trust, Fear, Surprise,
@@ -24,8 +25,8 @@ and trained on all-zero labels without noticing.  Every used field must be
 present, of the right type (a bool is not a number), finite and in [0, 1];
 ``emotions`` must be a list of 7 non-negative numbers summing to 1 (within
 ``EMOTION_SUM_TOL``; they are then rescaled to sum to exactly 1); the two dicts
-must have exactly their 4 keys; ids must be unique strings; text plus title must
-not be blank.  ``action``, ``label`` and ``timestamp`` are not used and not
+must have exactly their 4 keys; ids must be unique strings; ``text`` must not be
+empty or only whitespace (``title`` may be empty).  ``action``, ``label`` and ``timestamp`` are not used and not
 checked.  No missing target is ever filled with a constant: a bad record stops the
 load (``on_bad_record="error"``) or is dropped and counted (``"skip"``).
 """
@@ -144,9 +145,10 @@ def _parse_record(record: Any) -> tuple[str, str, dict[str, np.ndarray]]:
     record_id = _string(record, "id")
     if not record_id.strip():
         raise _BadRecord("id", "is empty")
-    text = (_string(record, "text") + " " + _string(record, "title"))[:TEXT_CHARS]
+    text = _string(record, "text")
     if not text.strip():
-        raise _BadRecord("text", "text and title are both blank")
+        raise _BadRecord("text", "is empty or only whitespace; a record needs its anecdote")
+    text = (text + " " + _string(record, "title"))[:TEXT_CHARS]
     if "regret_factor" not in record:
         raise _BadRecord("regret_factor", "missing")
     targets = {
