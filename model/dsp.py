@@ -10,6 +10,7 @@ simulator's output as input: that is why group C is linked.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -87,7 +88,13 @@ class DynamicKalmanFilter(nn.Module):
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Measurements z (B, T, dim), mask (B, T) right-padded (T frames here) -> filtered state (B, dim)."""
         # The recursion runs in fp32 even under autocast: a bf16 covariance update loses positive-definiteness.
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        # (The meta device, where the memory planner sizes the model, has no autocast to turn off.)
+        no_autocast = (
+            torch.autocast(device_type=z.device.type, enabled=False)
+            if z.device.type != "meta"
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
             At, Kt = self.gains(z.shape[1])  # (T, n, n), (T, m, n)
             # x_t = x_{t-1} A_t^T + z_t K_t^T for row vectors: an affine recurrence, run as a scan.
             u = torch.einsum("btm,tmn->btn", z.float(), Kt)  # (B, T, n)
@@ -108,7 +115,11 @@ class DynamicKalmanFilter(nn.Module):
         launch (3-4x slower on an H200 at T = 128), so it runs on CPU copies of the
         parameters; autograd carries the gradients back to wherever they live.
         """
-        F, H, log_q, log_r, log_p0 = (p.cpu() for p in (self.F, self.H, self.log_q, self.log_r, self.log_p0))
+        # (On the meta device, where the memory planner sizes the model, the recursion stays there.)
+        host = torch.device("cpu") if self.F.device.type == "cuda" else self.F.device
+        F, H, log_q, log_r, log_p0 = (
+            p.to(host) for p in (self.F, self.H, self.log_q, self.log_r, self.log_p0)
+        )
         Ft, Ht = F.T, H.T
         Q, R = torch.diag(log_q.exp()), torch.diag(log_r.exp())
         P = torch.diag(log_p0.exp())  # (n, n)

@@ -10,13 +10,23 @@ groups come from different epochs' checkpoints a sound model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
 from model.analyzers import AdvancedAnalyzer, NeuralAnalyzer
 from model.backbone import Backbone
 from model.dsp import DynamicKalmanFilter, EmotionDSPSimulator
-from model.groups import GROUP_OF, GROUPS, MODULE_TASK, MODULES, modules_of_group, param_prefix_owner
+from model.groups import (
+    GROUP_OF,
+    GROUPS,
+    MODULE_TASK,
+    MODULES,
+    modules_of_group,
+    param_prefix_owner,
+    selection_units,
+)
 from model.heads import TaskHead
 from model.phases import Phase0EmotionCalibrator, Phase1EmpathyLearner, Phase2CommunityNetwork
 from model.presets import ModelConfig
@@ -79,36 +89,82 @@ class RedHeart(nn.Module):
         True on real tokens, right-padded, at least one per row; pooled (B, E): the
         encoder's sentence vector.
         """
-        B, T, _ = tokens.shape
-        assert mask.shape == (B, T) and mask.dtype == torch.bool, "mask must be (B, T) bool"
-        assert pooled.shape == (B, tokens.shape[2]), "pooled must be (B, E)"
-        lengths = mask.sum(1, keepdim=True)  # (B, 1)
-        assert bool((lengths > 0).all()), "every row needs at least one real token"
-        assert bool((mask == (torch.arange(T, device=mask.device) < lengths)).all()), (
-            "mask must be right-padded"
-        )
-
+        check_inputs(tokens, mask, pooled)
         out: dict[str, torch.Tensor] = {}
-        # group A: each head reads its own task feature of the backbone
-        features = self.backbone(tokens, mask)  # {task: (B, d_model)}
-        for t, head in self.heads.items():
-            out[f"heads.{t}"] = head(features[t])
-        # group B: all four summarize, then each predicts after hearing the other three
-        analyzers = {t: self.module(f"neural_{t}") for t in TASKS}
-        said = {t: a.summarize(tokens, mask) for t, a in analyzers.items()}  # {task: (summary, message)}
-        for t, a in analyzers.items():
-            others = torch.stack([said[o][1] for o in TASKS if o != t], dim=1)  # (B, 3, X)
-            out[f"neural_{t}"] = a.predict(said[t][0], said[t][1], others)
-        # group C: the Kalman filter runs over the DSP's signal frames
-        out["dsp"], frames, frame_mask = self.dsp(tokens, mask)
-        out["kalman"] = self.kalman(frames, frame_mask)
-        # independent: the encoder's output only
-        for t in TASKS:
-            out[f"advanced_{t}"] = self.module(f"advanced_{t}")(tokens, mask, pooled)
-        out["phase0"] = self.phase0(pooled)
-        out["phase1"] = self.phase1(tokens, mask, pooled)
-        out["phase2"] = self.phase2(tokens, mask, pooled)
+        for unit in selection_units():
+            out.update(self.forward_unit(unit.name, tokens, mask, pooled))
         return out
+
+    def forward_unit(
+        self,
+        unit: str,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        pooled: torch.Tensor,
+        record: Recorder | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The predictions of one selection unit's modules, computed from the encoder output alone.
+
+        A unit reads nothing but the encoder's output and its own modules, so the
+        units can run in any order, each with only its own weights on the device
+        (tune/memory streams them this way).  ``record(module, tensor)``, when
+        given, receives each module's main activation: the backbone's task
+        features, each neural analyzer's summary and message, every other module's
+        output.  Inputs are not checked here (``check_inputs`` once per batch).
+        """
+        note = record or _ignore
+        out: dict[str, torch.Tensor] = {}
+        if unit == "group_a":
+            # each head reads its own task feature of the backbone
+            features = self.backbone(tokens, mask)  # {task: (B, d_model)}
+            for t in TASKS:
+                note("backbone", features[t])
+            for t, head in self.heads.items():
+                out[f"heads.{t}"] = head(features[t])
+        elif unit == "group_b":
+            # all four summarize, then each predicts after hearing the other three
+            analyzers = {t: self.module(f"neural_{t}") for t in TASKS}
+            said = {t: a.summarize(tokens, mask) for t, a in analyzers.items()}  # {task: (summary, message)}
+            for t, a in analyzers.items():
+                note(f"neural_{t}", said[t][0])
+                note(f"neural_{t}", said[t][1])
+                others = torch.stack([said[o][1] for o in TASKS if o != t], dim=1)  # (B, 3, X)
+                out[f"neural_{t}"] = a.predict(said[t][0], said[t][1], others)
+        elif unit == "group_c":
+            # the Kalman filter runs over the DSP's signal frames
+            out["dsp"], frames, frame_mask = self.dsp(tokens, mask)
+            note("dsp", frames)
+            out["kalman"] = self.kalman(frames, frame_mask)
+        elif unit == "phase0":
+            out["phase0"] = self.phase0(pooled)
+        elif unit in GROUPS["independent"]:
+            # the encoder's output only
+            out[unit] = self.module(unit)(tokens, mask, pooled)
+        else:
+            raise KeyError(f"unknown unit {unit!r}; known: {', '.join(u.name for u in selection_units())}")
+        for module, pred in out.items():
+            note(module, pred)
+        return out
+
+
+Recorder = Callable[[str, torch.Tensor], None]
+"""``record(module, activation)``: a callback ``RedHeart.forward_unit`` calls with module activations."""
+
+
+def _ignore(module: str, tensor: torch.Tensor) -> None:
+    pass
+
+
+def check_inputs(tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> None:
+    """The encoder-output contract every module relies on (one device sync; once per batch)."""
+    B, T, _ = tokens.shape
+    assert mask.shape == (B, T) and mask.dtype == torch.bool, "mask must be (B, T) bool"
+    assert pooled.shape == (B, tokens.shape[2]), "pooled must be (B, E)"
+    lengths = mask.sum(1, keepdim=True)  # (B, 1)
+    right_padded = mask == (torch.arange(T, device=mask.device) < lengths)
+    assert bool((lengths > 0).all() & right_padded.all()), (
+        "mask must be right-padded with at least one real token per row"
+    )
 
 
 def build_model(cfg: ModelConfig, tasks: dict[str, TaskSpec], input_dim: int) -> RedHeart:

@@ -2,7 +2,11 @@
 
 Everything that needs to know which module belongs where (optimizer parameter
 groups, per-module losses and metrics, the checkpoint layout, the sweet-spot
-analysis, the crossover, the swap manager) derives it from the tables below.
+analysis, the crossover, the memory plan and swap manager) derives it from the
+tables below.  The *selection units* (a linked group, or one independent module)
+are also the units of training: each has its own optimizer, its own gradient
+clipping and its own dropout stream, and the memory component moves each as one
+piece between GPU and CPU.
 Nothing else in the code base lists module names.
 
 Why groups exist: modules of one *linked* group must always come from the same
@@ -117,6 +121,24 @@ def selection_units() -> tuple[SelectionUnit, ...]:
     units = [SelectionUnit(g, g, GROUPS[g]) for g in LINKED_GROUPS]
     units += [SelectionUnit(m, "independent", (m,)) for m in GROUPS["independent"]]
     return tuple(units)
+
+
+def unit_priority(unit: SelectionUnit) -> int:
+    """A unit's swap priority: its highest member's, since a linked group moves as one unit
+    (group A holds the backbone, which is never swapped, so group A never is)."""
+    return max(SWAP_PRIORITY[m] for m in unit.modules)
+
+
+NEVER_SWAPPED = 100
+"""Units of this priority stay on the GPU under every plan (SPEC §4.1: the backbone, 100, is never swapped)."""
+
+
+def unit_of_module(module: str) -> SelectionUnit:
+    """The selection unit a module belongs to (its linked group, or itself when independent)."""
+    for unit in selection_units():
+        if module in unit.modules:
+            return unit
+    raise KeyError(f"unknown module key {module!r}; known: {', '.join(MODULES)}")
 
 
 def modules_of_group(group: str) -> tuple[str, ...]:
