@@ -29,6 +29,7 @@ objective, defined for single weight sets only) and every task's headline metric
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from model.losses import metric_sums, module_losses, task_loss, total_loss
 from model.tasks import TaskSpec
 from tune.checkpoints import load_model_state
 from tune.data import EncodedData, iterate_batches
+from tune.memory import EvalMover, predict_outputs
 
 METHODS: tuple[str, ...] = (
     "crossover",
@@ -117,23 +119,31 @@ class EvalSettings:
     fusion_weights: dict[str, float]
     device: torch.device
     batch_size: int = 256
+    chunk_rows: int = 8192
+    """Rows whose inputs sit in memory at once while the units take turns on the device."""
 
 
 @torch.no_grad()
 def predict(model: nn.Module, data: EncodedData, split: str, s: EvalSettings) -> Predictions:
-    """One pass over ``split``: the fused prediction of every row and the mean training loss."""
-    model.eval().to(s.device)
+    """One pass over ``split``: the fused prediction of every row and the mean training loss.
+
+    The model stays on the CPU; on a GPU each unit visits the device for its pass
+    over a chunk of batches (``EvalMover``), so a model larger than the card's
+    budget is evaluated as well as a small one.
+    """
     parts: dict[str, list[torch.Tensor]] = {}
     total, rows = 0.0, 0
-    for batch in iterate_batches(data, split, s.batch_size, shuffle=False, generator=None):
-        batch = batch.to(s.device)
-        outputs = {k: v.float() for k, v in model(batch.tokens, batch.mask, batch.pooled).items()}
-        losses = module_losses(outputs, batch.targets, batch.target_mask, s.tasks)
-        bsz = batch.pooled.shape[0]
-        total += total_loss(losses, s.task_weights).item() * bsz
-        rows += bsz
-        for task, pred in fuse(outputs, s.tasks, s.fusion_weights).items():
-            parts.setdefault(task, []).append(pred.cpu())
+    mover = EvalMover(model, s.device)
+    batches = iterate_batches(data, split, s.batch_size, shuffle=False, generator=None)
+    while chunk := list(itertools.islice(batches, max(1, s.chunk_rows // s.batch_size))):
+        outs = predict_outputs(model, chunk, device=s.device, autocast_dtype=None, placement=mover)
+        for batch, outputs in zip(chunk, outs, strict=True):
+            batch = batch.to(s.device)
+            losses = module_losses(outputs, batch.targets, batch.target_mask, s.tasks)
+            total += total_loss(losses, s.task_weights).item() * len(batch)
+            rows += len(batch)
+            for task, pred in fuse(outputs, s.tasks, s.fusion_weights).items():
+                parts.setdefault(task, []).append(pred.cpu())
     if rows == 0:
         raise EvaluationError(f"split {split!r} has no rows")
     return Predictions({t: torch.cat(p) for t, p in parts.items()}, total / rows)

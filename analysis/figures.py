@@ -120,19 +120,75 @@ def methods_figure(summary: pd.DataFrame, metric: str, path: Path) -> Path:
     return _save(fig, path, summary[["method", "n_seeds", f"{metric}_mean", f"{metric}_std"]])
 
 
-def memory_figure(epochs: pd.DataFrame, path: Path) -> Path | None:
-    """Figure 5 (DSM): peak memory per epoch, when the run recorded it; None when it did not.
+def memory_figure(epochs: pd.DataFrame, path: Path, details: dict[int, dict] | None = None) -> Path | None:
+    """Figure 5, DSM efficiency: memory use over optimizer steps, the budget, and every swap.
 
-    The original's swap history (swap_out / swap_in events) is not recorded by
-    this trainer, so the figure shows the memory use only; ``memory_kind`` says
-    whether it is GPU memory or the process's RSS (a CPU run).
+    ``details`` (epoch -> a checkpoint's metrics.json, ``TrainingRun.details``)
+    carries the memory component's records when the run managed device memory (a
+    GPU, or byte accounting with ``memory.strategy: stream``): each unit turn's
+    peak use, every move between GPU and CPU, the budget.  The top panel shows
+    each optimizer step's peak use against the budget and the target, with the
+    swap manager's swap_out / swap_in marked; the bottom one the bytes moved per
+    step.  A run without such records (a CPU run with everything resident) gets
+    its peak memory per epoch instead; None when there is nothing at all.
     """
+    records = [d["memory"] for _, d in sorted((details or {}).items()) if d.get("memory", {}).get("trace")]
+    if records:
+        return _dsm_figure(records, path)
     if "peak_memory_mb" not in epochs.columns or epochs["peak_memory_mb"].isna().all():
         return None
     kind = epochs["memory_kind"].dropna().iloc[-1] if "memory_kind" in epochs.columns else "unknown"
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(epochs["epoch"], epochs["peak_memory_mb"], marker=".")
-    ax.set(xlabel="epoch", ylabel=f"peak memory (MiB, {kind})", title="Memory use per epoch")
+    ax.set(
+        xlabel="epoch", ylabel=f"peak memory (MiB, {kind})", title="Memory use per epoch (no swap records)"
+    )
     ax.grid(alpha=0.3)
     cols = ["epoch", "peak_memory_mb", *(["memory_kind"] if "memory_kind" in epochs.columns else [])]
     return _save(fig, path, epochs[cols])
+
+
+def _dsm_figure(records: list[dict], path: Path) -> Path:
+    trace = pd.DataFrame([t for r in records for t in r["trace"]])
+    moves = pd.DataFrame([m for r in records for m in r["moves"]])
+    budget, target = records[-1]["budget_bytes"], records[-1]["target"]
+    steps = trace.groupby(["epoch", "step"], as_index=False)["peak_bytes"].max()
+    steps["global_step"] = range(1, len(steps) + 1)
+    if len(moves):
+        moved = (
+            moves.groupby(["epoch", "step"], as_index=False)["bytes"]
+            .sum()
+            .rename(columns={"bytes": "moved_bytes"})
+        )
+        steps = steps.merge(moved, on=["epoch", "step"], how="left")
+    else:
+        steps["moved_bytes"] = 0
+    steps["moved_bytes"] = steps["moved_bytes"].fillna(0)
+    unit = (2**30, "GiB") if budget >= 2**30 else (2**20, "MiB")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(3, 1.4))
+    top.plot(steps["global_step"], steps["peak_bytes"] / unit[0], lw=1, label="peak use per step")
+    top.axhline(budget / unit[0], color="k", lw=1.2, label="budget")
+    top.axhline(target * budget / unit[0], color="k", ls="--", lw=1, label=f"target ({target:g})")
+    events = steps[["epoch", "step", "global_step", "peak_bytes"]]
+    for action, marker, color in (("swap_out", "v", "C3"), ("swap_in", "^", "C2")):
+        hits = moves[moves["action"] == action].merge(events, on=["epoch", "step"]) if len(moves) else moves
+        if len(hits):
+            top.scatter(
+                hits["global_step"],
+                hits["peak_bytes"] / unit[0],
+                marker=marker,
+                color=color,
+                s=40,
+                zorder=3,
+                label=action,
+            )
+            steps[action] = (
+                steps["global_step"].map(hits.groupby("global_step")["module"].apply(" ".join)).fillna("")
+            )
+    top.set(ylabel=f"memory ({unit[1]})", title="DSM efficiency: memory use and the swap pattern")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8, loc="lower right")
+    bottom.plot(steps["global_step"], steps["moved_bytes"] / unit[0], color="C1", lw=1)
+    bottom.set(xlabel="optimizer step", ylabel=f"moved ({unit[1]})")
+    bottom.grid(alpha=0.3)
+    return _save(fig, path, steps)

@@ -62,7 +62,7 @@ def analyze(
     made = [
         figures.learning_curves_figure(run.epochs, out / "learning_curves.png", list(run.complete)),
         figures.sweet_spot_heatmap(run.modules, spots, out / "sweet_spot_heatmap.png"),
-        figures.memory_figure(run.epochs, out / "memory.png"),
+        figures.memory_figure(run.epochs, out / "memory.png", run.details),
     ]
     report["figures"] = [str(p) for p in made if p is not None]
     write_json_atomic(out / SWEET_SPOTS_FILE, report)
@@ -127,7 +127,7 @@ def evaluate_all(
     k: int = 5,
     deltas: Sequence[int] = DEFAULT_DELTAS,
     rule: str = "spec",
-    device: str = "cpu",
+    device: str | None = None,
     data=None,
     hashes: bool = True,
 ) -> pd.DataFrame:
@@ -167,7 +167,8 @@ def evaluate_all(
         tasks=data.tasks,
         task_weights=dict(cfg.optim.task_weights),
         fusion_weights=dict(cfg.model.fusion_weights),
-        device=torch.device(device),
+        device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        batch_size=cfg.optim.eval_batch_size,
     )
     plan = select_methods(run, val_only(data), settings, k=k, deltas=deltas, rule=rule)
     write_json_atomic(

@@ -24,6 +24,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "MemoryConfig",
     "ModelConfig",
     "OptimConfig",
     "ResourcesConfig",
@@ -87,6 +88,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     batch_size: int = 4
     """Micro-batch size."""
+    eval_batch_size: int = 256
+    """Rows per validation / evaluation batch (no gradients are kept, so it can exceed batch_size;
+    lower it when evaluation does not fit the GPU budget)."""
     grad_accum: int = 16
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
     grad_clip: float = 1.0
@@ -146,6 +150,43 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """Where the weights and optimizer state live during training (tune/memory).  None of it changes
+    the results: the same seed gives the same weights under every strategy."""
+
+    strategy: Literal["auto", "resident", "stream"] = "auto"
+    """'resident': everything on the device; 'stream': units (a linked group or an independent module)
+    that do not fit stay in CPU memory and move to the GPU for their turn of each optimizer step
+    (groups outer, micro-batches inner); 'auto': stream only where the plan says resident does not
+    fit, and never on a CPU-only trial (there is no device memory to save)."""
+    gpu_budget_gb: float = 8.0
+    """GPU memory one trial may use, CUDA context included (the spec's 8 GB card).  On a bigger card it
+    is enforced with torch.cuda.set_per_process_memory_fraction; a trial's budget is the smaller of
+    this and its fractional GPU share of the card.  On a CPU-only trial with strategy 'stream' it is
+    a byte-accounting budget (what the tests use)."""
+    target: float = 0.85
+    """Share of the budget the plan may fill (SPEC §4.1); the run-time swap manager swaps out above
+    it and brings modules back below target - 0.1."""
+    context_gb: float = 0.5
+    """CUDA context (outside PyTorch's allocator) the plan assumes before it can measure it; a GPU
+    trial measures the real one."""
+    prefetch: bool = True
+    """Copy the next streamed unit in on a side stream while the current one computes (GPU)."""
+    stream_moments: Literal["auto", "sharded"] = "auto"
+    """How a streamed unit's AdamW moments travel: 'auto' moves them in and out with its weights where
+    that fits and otherwise passes them through its optimizer step shard by shard; 'sharded' always
+    does the latter (the least memory, the same bytes moved)."""
+    shard_mb: int = 256
+    """Moment shards hold at most this many MiB of exp_avg + exp_avg_sq (double-buffered); a tensor
+    larger than that is a shard of its own."""
+    pin_memory: bool = True
+    """Keep streamed units in pinned (page-locked) CPU buffers, allocated once and reused (GPU)."""
+    dsm: bool = True
+    """Run the spec's dynamic swap manager on top of the plan: measure use after each unit's step,
+    swap out by ascending priority above the target, swap back in below target - 0.1."""
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfigSection = field(default_factory=RunConfigSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +195,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -311,6 +353,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(o.lr > 0, "optim.lr: must be > 0")
     need(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
     need(o.batch_size >= 1, "optim.batch_size: must be >= 1")
+    need(o.eval_batch_size >= 1, "optim.eval_batch_size: must be >= 1")
     need(o.grad_accum >= 1, "optim.grad_accum: must be >= 1")
     need(o.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables clipping)")
     need(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio: must be in [0, 1)")
@@ -348,6 +391,11 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(r.ray_num_cpus is None or r.ray_num_cpus >= 1, "resources.ray_num_cpus: must be null or >= 1")
     need(r.object_store_mb >= 78, "resources.object_store_mb: Ray needs at least 78 MB")
     need(r.torch_threads is None or r.torch_threads >= 1, "resources.torch_threads: must be null or >= 1")
+    mem = cfg.memory
+    need(mem.gpu_budget_gb > 0, "memory.gpu_budget_gb: must be > 0")
+    need(0.0 < mem.target <= 1.0, "memory.target: a share of the budget, in (0, 1]")
+    need(mem.context_gb >= 0, "memory.context_gb: must be >= 0")
+    need(mem.shard_mb >= 1, "memory.shard_mb: must be >= 1")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -3,7 +3,11 @@
 state = build_training(cfg, data, lr, epochs, device)
 for epoch in range(1, epochs + 1):
     train_stats = train_epoch(state, data, epoch)
-    val = validate(state.model, data, "val", ...)
+    val = validate_state(state, data, "val")
+
+Where the weights live (all on the device, or streamed unit by unit through a GPU
+budget) is the memory component's business (``tune.memory``): the loop hands it
+each window of ``grad_accum`` micro-batches and gets the step's numbers back.
 """
 
 from __future__ import annotations
@@ -18,15 +22,41 @@ import torch
 from torch import nn
 
 from model.family import RedHeart, build_model, fuse
-from model.groups import GROUP_OF, GROUPS, MODULE_TASK, param_prefix_owner
+from model.groups import MODULE_TASK
 from model.losses import metric_sums, module_losses, total_loss
 from model.tasks import TaskSpec
 from tune.config import Config
-from tune.data import Batch, EncodedData, iterate_batches, num_batches
+from tune.data import EncodedData, iterate_batches, num_batches
+from tune.memory import (
+    Budget,
+    NonFiniteLossError,
+    Placement,
+    SwapManager,
+    Window,
+    cpu_budget,
+    loss_weights,
+    plan_for,
+    predict_outputs,
+    total_of,
+    train_step,
+)
+from tune.memory.step import UNIT_MODULES, UNITS
 
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or Inf; the message names the epoch, step and module(s)."""
+__all__ = [
+    "EpochResult",
+    "NonFiniteLossError",
+    "Schedule",
+    "TrainingState",
+    "ValidationResult",
+    "build_training",
+    "choose_precision",
+    "lr_factor",
+    "seed_everything",
+    "train_epoch",
+    "validate",
+    "validate_state",
+    "weight_stats",
+]
 
 
 def seed_everything(seed: int) -> None:
@@ -54,6 +84,36 @@ def lr_factor(step: int, *, warmup_steps: int, cycle_steps: int, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / cycle_steps))
 
 
+class Schedule:
+    """The LR of every unit's optimizer: ``peak_lr * lr_factor(step)``, one count for all of them."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], peak_lr: float, factor):
+        self.optimizers, self.peak_lr, self.factor = optimizers, peak_lr, factor
+        self.step_count = 0
+        self._apply()
+
+    @property
+    def lr(self) -> float:
+        return self.peak_lr * self.factor(self.step_count)
+
+    def _apply(self) -> None:
+        lr = self.lr
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "peak_lr": self.peak_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self._apply()
+
+
 # ---------------------------------------------------------------------------
 # Training state
 
@@ -63,61 +123,79 @@ class TrainingState:
     """Everything a resume must restore, plus what the loop needs to run."""
 
     model: RedHeart
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    optimizers: dict[str, torch.optim.Optimizer]  # one AdamW per selection unit
+    schedule: Schedule
     scaler: torch.amp.GradScaler
     generator: torch.Generator  # the data order; saved and restored for exact resume
+    placement: Placement  # where each unit's weights and moments are
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: fp32
     tasks: dict[str, TaskSpec]
     task_weights: dict[str, float]
     fusion_weights: dict[str, float]
     batch_size: int
+    eval_batch_size: int
     grad_accum: int
     grad_clip: float
     steps_per_epoch: int
-    extra: dict = field(default_factory=dict)
+    seed: int  # dropout streams derive from it
+    param_names: dict[nn.Parameter, str] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 def choose_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on CUDA where supported else fp16; None (fp32) on CPU."""
+    """The autocast dtype: on CUDA, bf16 only where the card runs it natively, else fp16 (with the
+    scaler); None (fp32) on a CPU or with precision fp32."""
     if device.type != "cuda" or precision == "fp32":
         return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+    if precision == "bf16":
         return torch.bfloat16
-    return torch.float16
+    if precision == "fp16":
+        return torch.float16
+    # An RTX 2070 "supports" bf16 through emulation at a fraction of the speed: only native counts.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups derived from the group declaration: one per module group,
-    each split into decayed (matrices) and undecayed (biases, norms, 1-d) parameters."""
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        group = GROUP_OF[param_prefix_owner(name)]
-        decay = p.ndim >= 2
-        buckets.setdefault((group, decay), []).append(p)
-    out = []
-    for group in GROUPS:
-        for decay in (True, False):
-            params = buckets.get((group, decay))
-            if params:
-                out.append(
-                    {
-                        "params": params,
-                        "weight_decay": weight_decay if decay else 0.0,
-                        "name": f"{group}/{'decay' if decay else 'no_decay'}",
-                    }
-                )
-    return out
+def unit_param_groups(model: nn.Module, unit: str, weight_decay: float) -> list[dict]:
+    """One unit's AdamW parameter groups: decayed (matrices) and undecayed (biases, norms, 1-d)."""
+    params = [p for m in UNIT_MODULES[unit] for p in model.get_submodule(m).parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    keep = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": f"{unit}/decay"},
+        {"params": keep, "weight_decay": 0.0, "name": f"{unit}/no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def build_training(
-    cfg: Config, data: EncodedData, lr: float, epochs: int, device: torch.device
+    cfg: Config,
+    data: EncodedData,
+    lr: float,
+    epochs: int,
+    device: torch.device,
+    *,
+    budget: Budget | None = None,
 ) -> TrainingState:
-    """Model, AdamW, schedule and scaler for ``epochs`` epochs at peak LR ``lr``; seeds everything first."""
+    """Model, one AdamW per unit, schedule, scaler and the memory placement; seeds everything first.
+
+    ``budget``: the trial's memory budget (``tune.memory.trial_budget``); on a
+    CPU it defaults to the byte-accounting budget of ``memory.gpu_budget_gb``.
+    """
+    if device.type == "cuda" and budget is None:
+        raise ValueError("a CUDA trial needs its measured budget (tune.memory.trial_budget)")
+    budget = budget or cpu_budget(cfg.memory)
     seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, data.tasks, data.input_dim).to(device)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, cfg.optim.weight_decay), lr=lr)
+    model = build_model(cfg.model, data.tasks, data.input_dim)  # on the CPU; the placement moves it
+    optimizers = {
+        unit: torch.optim.AdamW(unit_param_groups(model, unit, cfg.optim.weight_decay), lr=lr)
+        for unit in UNITS
+    }
+    plan, sizes = plan_for(cfg, data.tasks, data.input_dim, device=device.type, budget=budget)
+    dsm = SwapManager(cfg.memory.target, budget.bytes) if cfg.memory.dsm and plan.device != "cpu" else None
+    placement = Placement(
+        model, optimizers, plan, sizes, device, budget, pin_memory=cfg.memory.pin_memory, dsm=dsm
+    )
     batches = num_batches(data, "train", cfg.optim.batch_size)
     steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum)
     total = steps_per_epoch * epochs
@@ -127,63 +205,32 @@ def build_training(
     def factor(step: int) -> float:
         return lr_factor(step, warmup_steps=warmup, cycle_steps=cycle, min_ratio=cfg.optim.min_lr_ratio)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     dtype = choose_precision(cfg.optim.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    generator = torch.Generator().manual_seed(cfg.run.seed)
     return TrainingState(
         model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        generator=generator,
+        optimizers=optimizers,
+        schedule=Schedule(optimizers, lr, factor),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+        placement=placement,
         device=device,
         autocast_dtype=dtype,
         tasks=data.tasks,
         task_weights=dict(cfg.optim.task_weights),
         fusion_weights=dict(cfg.model.fusion_weights),
         batch_size=cfg.optim.batch_size,
+        eval_batch_size=cfg.optim.eval_batch_size,
         grad_accum=cfg.optim.grad_accum,
         grad_clip=cfg.optim.grad_clip,
         steps_per_epoch=steps_per_epoch,
+        seed=cfg.run.seed,
+        param_names={p: n for n, p in model.named_parameters()},
+        loss_weights=loss_weights(dict(cfg.optim.task_weights)),
     )
-
-
-def _autocast(state: TrainingState):
-    if state.autocast_dtype is None:
-        return torch.autocast(state.device.type, enabled=False)
-    return torch.autocast(state.device.type, dtype=state.autocast_dtype)
-
-
-def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-    bad = [m for m, v in losses.items() if not torch.isfinite(v).item()]
-    if bad:
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, optimizer step {step}, in module(s): {', '.join(bad)}. "
-            "Earlier checkpoints are intact; lower the LR (optim.lr / sweep), enable clipping "
-            "(optim.grad_clip) or check the data, then resume."
-        )
 
 
 # ---------------------------------------------------------------------------
 # Statistics
-
-
-def grad_stats(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per-parameter gradient statistics (mean, std, max, min, norm)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        g = p.grad.detach().float()
-        out[name] = {
-            "mean": g.mean().item(),
-            "std": g.std().item() if g.numel() > 1 else 0.0,
-            "max": g.max().item(),
-            "min": g.min().item(),
-            "norm": g.norm().item(),
-        }
-    return out
 
 
 def weight_stats(model: nn.Module) -> dict[str, dict[str, float]]:
@@ -191,51 +238,38 @@ def weight_stats(model: nn.Module) -> dict[str, dict[str, float]]:
     out = {}
     for name, p in model.named_parameters():
         w = p.detach().float()
-        out[name] = {
-            "mean": w.mean().item(),
-            "std": w.std().item() if w.numel() > 1 else 0.0,
-            "norm": w.norm().item(),
-            "sparsity": (w.abs() < 1e-6).float().mean().item(),
-        }
+        values = torch.stack(
+            [
+                w.mean(),
+                w.std() if w.numel() > 1 else w.new_zeros(()),
+                w.norm(),
+                (w.abs() < 1e-6).float().mean(),
+            ]
+        ).tolist()
+        out[name] = dict(zip(("mean", "std", "norm", "sparsity"), values, strict=True))
     return out
 
 
 class ActivationStats:
-    """Forward hooks on every declared module: running mean, std and share of zeros of its outputs."""
+    """Running mean, std and share of zeros of every module's activations (``RedHeart.forward_unit``'s
+    ``record`` callback), kept as device tensors until ``result()``."""
 
-    def __init__(self, model: RedHeart):
-        self.sums: dict[str, list[float]] = {}  # module -> [n, sum, sum_sq, zeros]
-        self.handles = [model.module(key).register_forward_hook(self._hook(key)) for key in MODULE_TASK]
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # module -> [n, sum, sum_sq, zeros]
 
-    def _hook(self, key: str):
-        def hook(_mod, _inp, output):
-            if isinstance(output, dict):
-                output = list(output.values())
-            if not isinstance(output, tuple | list):
-                output = [output]
-            tensors = [t for t in output if torch.is_tensor(t)]
-            acc = self.sums.setdefault(key, [0.0, 0.0, 0.0, 0.0])
-            for t in tensors:
-                t = t.detach().float()
-                acc[0] += t.numel()
-                acc[1] += t.sum().item()
-                acc[2] += (t * t).sum().item()
-                acc[3] += (t == 0).sum().item()
-
-        return hook
+    def __call__(self, module: str, t: torch.Tensor) -> None:
+        t = t.detach().float()
+        row = torch.stack([t.new_full((), float(t.numel())), t.sum(), (t * t).sum(), (t == 0).sum().float()])
+        acc = self.sums.get(module)
+        self.sums[module] = row.double() if acc is None else acc + row.double()
 
     def result(self) -> dict[str, dict[str, float]]:
         out = {}
-        for key, (n, s, sq, z) in self.sums.items():
-            if n == 0:
-                continue
+        for key, acc in self.sums.items():
+            n, s, sq, z = acc.tolist()
             mean = s / n
             out[key] = {"mean": mean, "std": math.sqrt(max(sq / n - mean * mean, 0.0)), "zero_share": z / n}
         return out
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -255,85 +289,61 @@ def peak_memory_mb(device: torch.device) -> float:
 class EpochResult:
     loss: float
     accuracy: float  # emotion (headline) accuracy of the fused prediction on the training batches
-    grad_norm: float  # mean global gradient norm over optimizer steps (before clipping)
+    grad_norm: float  # mean over optimizer steps of the whole model's gradient norm (before clipping)
     seconds: float
     lr: float  # LR at the last optimizer step of the epoch
     lrs: list[float]  # LR of every optimizer step (the schedule, visible)
     grad_stats: dict | None = None
+    skipped_units: int = 0  # fp16 unit steps skipped for overflowed gradients
+    memory_moves: list[dict] = field(default_factory=list)  # every move between GPU and CPU
+    memory_trace: list[dict] = field(default_factory=list)  # every unit turn's peak use
 
 
 def train_epoch(
     state: TrainingState, data: EncodedData, epoch: int, *, collect_grad_stats: bool = False
 ) -> EpochResult:
-    """One pass over the training split with gradient accumulation, clipping and mixed precision."""
-    model, opt = state.model, state.optimizer
-    model.train()
+    """One pass over the training split, ``grad_accum`` micro-batches per optimizer step."""
+    state.model.train()
     t0 = time.perf_counter()
-    loss_sum, n_rows, correct, counted = 0.0, 0, 0.0, 0
+    loss_sum, n_rows, correct, counted, skipped = 0.0, 0, 0.0, 0, 0
     norms: list[float] = []
     lrs: list[float] = []
     stats = None
     total_batches = num_batches(data, "train", state.batch_size)
-    opt.zero_grad(set_to_none=True)
-    for i, batch in enumerate(
-        iterate_batches(data, "train", state.batch_size, shuffle=True, generator=state.generator)
-    ):
-        batch = batch.to(state.device)
-        with _autocast(state):
-            outputs = model(batch.tokens, batch.mask, batch.pooled)
-        losses = module_losses(_float(outputs), batch.targets, batch.target_mask, state.tasks)
-        step = i // state.grad_accum  # optimizer step within the epoch (0-based)
-        _check_finite(losses, epoch, step + 1)
-        loss = total_loss(losses, state.task_weights)
-        # Each micro-batch weighs by its share of the accumulation window, so a short last window is not overweighted.
-        window = min(state.grad_accum, total_batches - step * state.grad_accum)
-        state.scaler.scale(loss / window).backward()
-        bsz = batch.pooled.shape[0]
-        loss_sum += loss.item() * bsz
-        n_rows += bsz
-        c, n = _headline_correct(outputs, batch, state)
-        correct += c
-        counted += n
-        if (i + 1) % state.grad_accum == 0 or i + 1 == total_batches:
-            state.scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), state.grad_clip if state.grad_clip > 0 else float("inf")
-            )
-            if not torch.isfinite(norm) and state.autocast_dtype != torch.float16:
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at epoch {epoch}, optimizer step {step + 1}; "
-                    "lower the LR or enable clipping, then resume."
-                )
-            norms.append(norm.item())
-            if collect_grad_stats and i + 1 == total_batches:
-                stats = grad_stats(model)
-            lrs.append(opt.param_groups[0]["lr"])
-            state.scaler.step(opt)
-            state.scaler.update()
-            state.scheduler.step()
-            opt.zero_grad(set_to_none=True)
+    batches = iterate_batches(data, "train", state.batch_size, shuffle=True, generator=state.generator)
+    weights = state.loss_weights
+    for step in range(state.steps_per_epoch):
+        first = step * state.grad_accum
+        window = [next(batches) for _ in range(min(state.grad_accum, total_batches - first))]
+        last = step + 1 == state.steps_per_epoch
+        lrs.append(state.schedule.lr)
+        result = train_step(
+            state, Window(epoch, step + 1, first, window, collect_grad_stats=collect_grad_stats and last)
+        )
+        state.schedule.step()
+        totals = total_of(result, weights)
+        loss_sum += float(np.dot(totals, result.rows))
+        n_rows += sum(result.rows)
+        correct += result.correct
+        counted += result.counted
+        norms.append(math.sqrt(sum(v * v for v in result.unit_norms.values())))
+        skipped += len(result.skipped)
+        if result.grad_stats is not None:
+            stats = result.grad_stats
+    moves, trace = state.placement.drain()
+    finite = [n for n in norms if math.isfinite(n)]
     return EpochResult(
         loss=loss_sum / max(n_rows, 1),
         accuracy=correct / max(counted, 1),
-        grad_norm=float(np.mean(norms)) if norms else 0.0,
+        grad_norm=float(np.mean(finite)) if finite else float("nan"),
         seconds=time.perf_counter() - t0,
-        lr=lrs[-1] if lrs else opt.param_groups[0]["lr"],
+        lr=lrs[-1] if lrs else state.schedule.lr,
         lrs=lrs,
         grad_stats=stats,
+        skipped_units=skipped,
+        memory_moves=moves,
+        memory_trace=trace,
     )
-
-
-def _float(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Losses in fp32 even under autocast: bf16 log-softmax and MSE lose too much precision."""
-    return {k: v.float() for k, v in outputs.items()}
-
-
-def _headline_correct(outputs, batch: Batch, state: TrainingState) -> tuple[float, int]:
-    spec = state.tasks["emotion"]
-    with torch.no_grad():
-        fused = fuse(_float(outputs), state.tasks, state.fusion_weights)
-        s, n = metric_sums(fused["emotion"], batch.targets["emotion"], batch.target_mask["emotion"], spec)
-    return float(s), int(n)
 
 
 @dataclass
@@ -358,47 +368,42 @@ def validate(
     device: torch.device,
     batch_size: int = 256,
     autocast_dtype: torch.dtype | None = None,
+    placement=None,
     collect_activations: bool = False,
 ) -> ValidationResult:
-    """Every module's own loss and metric on a real split, in one pass (the table the sweet-spot analysis reads)."""
-    model.eval()
-    hooks = ActivationStats(model) if collect_activations else None
+    """Every module's own loss and metric on a real split, in one pass (the table the sweet-spot analysis reads).
+
+    ``placement``: a streaming one runs the units outer (each visits the device
+    once per pass); without one the model must already be on ``device``.
+    """
+    activations = ActivationStats() if collect_activations else None
     loss_sums: dict[str, float] = {}
     metric_acc: dict[str, list[float]] = {}
     fused_acc: dict[str, list[float]] = {}
     total, rows = 0.0, 0
-    try:
-        for batch in iterate_batches(data, split, batch_size, shuffle=False, generator=None):
-            batch = batch.to(device)
-            ctx = (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype
-                else torch.autocast(device.type, enabled=False)
-            )
-            with ctx:
-                outputs = model(batch.tokens, batch.mask, batch.pooled)
-            outputs = _float(outputs)
-            losses = module_losses(outputs, batch.targets, batch.target_mask, tasks)
-            bsz = batch.pooled.shape[0]
-            for m, v in losses.items():
-                loss_sums[m] = loss_sums.get(m, 0.0) + v.item() * bsz
-            total += total_loss(losses, task_weights).item() * bsz
-            rows += bsz
-            for m, out in outputs.items():
-                task = MODULE_TASK[m]
-                s, n = metric_sums(out, batch.targets[task], batch.target_mask[task], tasks[task])
-                acc = metric_acc.setdefault(m, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(n)
-            for task, pred in fuse(outputs, tasks, fusion_weights).items():
-                s, n = metric_sums(pred, batch.targets[task], batch.target_mask[task], tasks[task])
-                acc = fused_acc.setdefault(task, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(n)
-    finally:
-        activations = hooks.result() if hooks else None
-        if hooks:
-            hooks.close()
+    batches = list(iterate_batches(data, split, batch_size, shuffle=False, generator=None))
+    outputs_of = predict_outputs(
+        model, batches, device=device, autocast_dtype=autocast_dtype, placement=placement, record=activations
+    )
+    for batch, outputs in zip(batches, outputs_of, strict=True):
+        batch = batch.to(device)
+        losses = module_losses(outputs, batch.targets, batch.target_mask, tasks)
+        bsz = len(batch)
+        for m, v in losses.items():
+            loss_sums[m] = loss_sums.get(m, 0.0) + v.item() * bsz
+        total += total_loss(losses, task_weights).item() * bsz
+        rows += bsz
+        for m, out in outputs.items():
+            task = MODULE_TASK[m]
+            s, n = metric_sums(out, batch.targets[task], batch.target_mask[task], tasks[task])
+            acc = metric_acc.setdefault(m, [0.0, 0.0])
+            acc[0] += float(s)
+            acc[1] += float(n)
+        for task, pred in fuse(outputs, tasks, fusion_weights).items():
+            s, n = metric_sums(pred, batch.targets[task], batch.target_mask[task], tasks[task])
+            acc = fused_acc.setdefault(task, [0.0, 0.0])
+            acc[0] += float(s)
+            acc[1] += float(n)
     task_metric = {t: s / max(n, 1) for t, (s, n) in fused_acc.items()}
     return ValidationResult(
         loss=total / max(rows, 1),
@@ -406,14 +411,14 @@ def validate(
         module_metric={m: s / max(n, 1) for m, (s, n) in metric_acc.items()},
         task_metric=task_metric,
         accuracy=task_metric.get("emotion", float("nan")),
-        activations=activations,
+        activations=activations.result() if activations else None,
     )
 
 
 def validate_state(
     state: TrainingState, data: EncodedData, split: str = "val", *, collect_activations: bool = False
 ) -> ValidationResult:
-    """``validate`` with a training state's model, device, precision and loss settings."""
+    """``validate`` with a training state's model, device, precision, placement and loss settings."""
     return validate(
         state.model,
         data,
@@ -422,6 +427,8 @@ def validate_state(
         task_weights=state.task_weights,
         fusion_weights=state.fusion_weights,
         device=state.device,
+        batch_size=state.eval_batch_size,
         autocast_dtype=state.autocast_dtype,
+        placement=state.placement,
         collect_activations=collect_activations,
     )

@@ -37,6 +37,28 @@ def start_ray(cfg: Config, *, include_dashboard: bool | None = None) -> None:
     )
 
 
+def torch_threads(cpus: float, cores: int | None = None) -> int:
+    """torch threads for a trial Ray gave ``cpus`` CPUs: that many, less one when they are every core.
+
+    Ray's own processes and the driver run beside the trial; on a 2-core machine a
+    trial with 2 threads ran 1.16x slower than the bare loop, with 1 thread 1.00x
+    (benchmarks/tune_overhead.py).
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = int(cpus)
+    if threads >= cores:
+        threads = cores - 1
+    return max(1, threads)
+
+
+def trial_threads(cfg: Config) -> int:
+    """Inside a trial: ``resources.torch_threads``, else ``torch_threads`` of the CPUs Ray assigned it."""
+    if cfg.resources.torch_threads:
+        return cfg.resources.torch_threads
+    return torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+
+
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
@@ -50,14 +72,23 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return request
 
 
-def trial_device(gpu_share: float) -> torch.device:
-    """Inside a trial: the device Ray gave it, with the GPU share enforced as a memory fraction."""
-    if gpu_share > 0 and torch.cuda.is_available():
-        device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned card
-        torch.cuda.set_per_process_memory_fraction(min(gpu_share, 1.0), device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return device
-    return torch.device("cpu")
+def trial_device(gpu_ids: list) -> torch.device:
+    """Inside a trial: the GPU Ray assigned it, or the CPU when it was given none.
+
+    A trial that Ray gave a GPU but that torch cannot see stops with an error naming
+    both, rather than quietly training on the CPU for days.  The memory budget (the
+    GPU share and ``memory.gpu_budget_gb``) is set by ``tune.memory.trial_budget``.
+    """
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"Ray assigned this trial GPU(s) {gpu_ids} (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but torch {torch.__version__} sees no CUDA device "
+            f"(torch.version.cuda={torch.version.cuda}): install a CUDA build of torch on the workers, or set "
+            "resources.gpu=0 to train on the CPU"
+        )
+    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned card
 
 
 def describe_device(device: torch.device) -> dict:

@@ -22,6 +22,7 @@ from model.groups import GROUPS, MODULE_TASK
 from tune import __version__
 from tune.checkpoints import (
     MANIFEST,
+    CheckpointError,
     capture_rng,
     drop_resume_state,
     load_model_state,
@@ -41,7 +42,8 @@ from tune.loop import (
     validate_state,
     weight_stats,
 )
-from tune.resources import describe_device, trial_device
+from tune.memory import GiB, configure_allocator, format_plan, trial_budget
+from tune.resources import describe_device, trial_device, trial_threads
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +81,25 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
     assert stage in STAGES, stage
     lr = float(params["lr"])
     epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
-    threads = cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_trial))
+    threads = trial_threads(cfg)  # the CPUs Ray gave this trial, one left for Ray on a small machine
     torch.set_num_threads(threads)
     import ray
 
-    device = trial_device(cfg.resources.gpu if ray.get_gpu_ids() else 0.0)
+    configure_allocator()  # before the first CUDA allocation of this worker
+    device = trial_device(ray.get_gpu_ids())
+    budget = trial_budget(cfg, device, cfg.resources.gpu)
     data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
-    state = build_training(cfg, data, lr, epochs, device)
+    state = build_training(cfg, data, lr, epochs, device, budget=budget)
+    if state.placement.managed:
+        log.warning(
+            "%s trial on %s\n%s", stage, describe_device(device)["name"], format_plan(state.placement.plan)
+        )
     history: dict[str, list[float]] = {"train": [], "val": []}
-    lr_log: list[
-        dict
-    ] = []  # every optimizer step's LR since the last checkpoint (warm-up and restarts, visible)
+    # Since the last checkpoint: every optimizer step's LR (warm-up and restarts, visible), every move
+    # of a unit between GPU and CPU, every unit turn's peak memory use (the DSM figure's data).
+    lr_log: list[dict] = []
+    moves: list[dict] = []
+    trace: list[dict] = []
 
     start = 1
     checkpoint = get_checkpoint()
@@ -114,9 +124,12 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
             return
         val = validate_state(state, data, collect_activations=save)
         lr_log += [{"epoch": epoch, "step_in_epoch": i + 1, "lr": v} for i, v in enumerate(tr.lrs)]
+        moves += tr.memory_moves
+        trace += tr.memory_trace
         history["train"].append(tr.loss)
         history["val"].append(val.loss)
         metrics = epoch_metrics(epoch, tr, val, device, cfg, history, lr)
+        metrics.update(memory_metrics(state, tr))
         if not save:
             report(metrics)
             continue
@@ -134,8 +147,10 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
             "grad_stats": tr.grad_stats,
             "weight_stats": weight_stats(state.model),
             "activation_stats": val.activations,
+            "memory": memory_record(state, budget, moves, trace),
         }
         meta = checkpoint_meta(epoch, cfg, data, lr, device, history)
+        state.placement.synchronize()  # every copy home has landed before the weights are read
         with tempfile.TemporaryDirectory(prefix="redheart-ckpt-") as tmp:
             ckpt_dir = write_checkpoint(
                 Path(tmp) / f"epoch_{epoch:04d}",
@@ -145,7 +160,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
                 resume_state=resume_state(state, epoch),  # older checkpoints' copies are pruned below
             )
             report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
-        lr_log = []
+        lr_log, moves, trace = [], [], []
         if cfg.train.keep_resume_state == "latest":
             persisted = get_checkpoint()  # after report(): the copy Tune persisted in the trial's storage dir
             if persisted is not None and _is_local(persisted):
@@ -177,6 +192,41 @@ def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float) -> di
     for group, members in GROUPS.items():
         m[f"val_group_loss/{group}"] = float(np.mean([val.module_loss[x] for x in members]))
     return m
+
+
+def memory_metrics(state: TrainingState, tr) -> dict:
+    """Per-epoch memory scalars: peak reserved (GPU), moves between GPU and CPU, swap-manager actions."""
+    device = state.device
+    m = {
+        "memory_strategy": state.placement.plan.strategy,
+        "moved_gb": sum(x["bytes"] for x in tr.memory_moves) / GiB,
+        "move_seconds": sum(x["seconds"] or 0.0 for x in tr.memory_moves),
+        "dsm_swaps": sum(x["action"] in ("swap_out", "swap_in") for x in tr.memory_moves),
+        "streamed_units": len(state.placement.plan.streamed),
+        "skipped_unit_steps": tr.skipped_units,
+    }
+    if device.type == "cuda":
+        m["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+        m["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
+    return m
+
+
+def memory_record(state: TrainingState, budget, moves: list[dict], trace: list[dict]) -> dict:
+    """The checkpoint's memory section: the plan in force, the budget, and every move and turn since the last one."""
+    plan = state.placement.plan
+    return {
+        "strategy": plan.strategy,
+        "device": plan.device,
+        "budget_bytes": budget.bytes,
+        "context_bytes": budget.context_bytes,
+        "target": plan.target,
+        "resident": list(plan.resident),
+        "streamed": list(plan.streamed),
+        "plan_peak_bytes": plan.peak_bytes,
+        "transfer_bytes_per_step": plan.transfer_bytes_per_step,
+        "moves": moves,
+        "trace": trace,
+    }
 
 
 def diverged_row(epoch: int, lr: float, reason: str) -> dict:
@@ -214,13 +264,15 @@ def checkpoint_meta(epoch: int, cfg: Config, data: EncodedData, lr: float, devic
 
 
 def resume_state(state: TrainingState, epoch: int) -> dict:
+    dsm = state.placement.dsm
     return {
         "epoch": epoch,
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
+        "optimizers": {unit: opt.state_dict() for unit, opt in state.optimizers.items()},
+        "schedule": state.schedule.state_dict(),
         "scaler": state.scaler.state_dict(),
         "generator": state.generator.get_state(),
         "rng": capture_rng(),
+        "memory": {"swapped": dsm.state_dict()["swapped"] if dsm is not None else []},
     }
 
 
@@ -234,8 +286,16 @@ def restore(state: TrainingState, directory: Path, cfg: Config, data: EncodedDat
         )
     state.model.load_state_dict(load_model_state(directory), strict=True)
     rs = load_resume_state(directory)
-    state.optimizer.load_state_dict(rs["optimizer"])
-    state.scheduler.load_state_dict(rs["scheduler"])
+    if "optimizers" not in rs:
+        raise CheckpointError(
+            f"{directory}: its resume state holds one optimizer for the whole model (written by redheart-tune "
+            "before per-unit optimizers); resume it with that version, or start a new run"
+        )
+    for unit, opt in state.optimizers.items():
+        opt.load_state_dict(rs["optimizers"][unit])
+    state.placement.adopt_loaded_state()
+    state.placement.restore_swaps(rs["memory"]["swapped"])
+    state.schedule.load_state_dict(rs["schedule"])
     state.scaler.load_state_dict(rs["scaler"])
     state.generator.set_state(rs["generator"])
     restore_rng(rs["rng"])

@@ -1,0 +1,300 @@
+"""The memory component: the plan, streamed training equal to resident training, the budget, the DSM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.groups import GROUPS, NEVER_SWAPPED, selection_units
+from tests.conftest import REPO
+from tune.config import cache_dir, load_config
+from tune.data import iterate_batches, prepare_data, task_specs
+from tune.loop import build_training, choose_precision, train_epoch, validate_state
+from tune.memory import (
+    GiB,
+    PlanError,
+    SwapManager,
+    Window,
+    cpu_budget,
+    format_plan,
+    plan_for,
+    planning_budget,
+    train_step,
+)
+from tune.memory.dsm import Candidate, swap_out_count
+from tune.memory.plan import shard_partition
+from tune.resources import trial_device
+
+
+def smoke(data_cache, *overrides: str):
+    return load_config(REPO / "configs" / "smoke.yaml", [f"data.cache_dir={data_cache}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def data(data_cache):
+    cfg = smoke(data_cache)
+    return prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+
+
+# ---------------------------------------------------------------------------
+# The plan
+
+
+def test_730m_plan_fits_8_gib_with_backbone_and_heads_resident():
+    cfg = load_config(REPO / "configs" / "redheart-730m.yaml")
+    budget = planning_budget(cfg.memory)
+    plan, sizes = plan_for(cfg, task_specs("redheart"), 384, device="cuda", budget=budget)
+    assert budget.bytes == 8 * GiB and cfg.memory.target == 0.85
+    assert plan.strategy == "stream"  # resident does not fit: 10.8 GiB of state alone
+    assert plan.resident_peak > 8 * GiB
+    assert plan.peak_bytes + plan.context_bytes <= 0.85 * 8 * GiB
+    assert "group_a" in plan.resident  # the backbone and the four heads
+    assert "group_b" in plan.streamed and plan.unit("group_b").moments == "sharded"
+    assert sum(s.numel for s in sizes) == 723_976_474
+    # each streamed unit's weights and moments move in and out once per step: 24 bytes per parameter
+    streamed = sum(s.numel for s in sizes if s.name in plan.streamed)
+    assert plan.transfer_bytes_per_step == 24 * streamed
+    text = format_plan(plan)
+    print(text)
+    assert "moved per optimizer step" in text and "group_b" in text and "resident: group_a" in text
+
+
+def test_plan_refuses_what_cannot_fit_with_the_numbers_and_advice():
+    cfg = load_config(REPO / "configs" / "redheart-730m.yaml", ["memory.gpu_budget_gb=3"])
+    with pytest.raises(PlanError) as err:
+        plan_for(cfg, task_specs("redheart"), 384, device="cuda", budget=planning_budget(cfg.memory))
+    msg = str(err.value)
+    assert "GiB" in msg and "optim.batch_size=2 optim.grad_accum=32" in msg
+
+
+def test_resident_strategy_that_does_not_fit_is_refused():
+    cfg = load_config(REPO / "configs" / "redheart-730m.yaml", ["memory.strategy=resident"])
+    with pytest.raises(PlanError, match="memory.strategy=stream"):
+        plan_for(cfg, task_specs("redheart"), 384, device="cuda", budget=planning_budget(cfg.memory))
+
+
+def test_shards_never_split_a_tensor():
+    assert shard_partition([4, 4, 4, 100, 1], shard_bytes=8 * 8) == [[0, 1], [2], [3], [4]]
+    assert shard_partition([1, 2, 3], shard_bytes=10**9) == [[0, 1, 2]]
+
+
+# ---------------------------------------------------------------------------
+# Streamed training gives the weights resident training gives
+
+
+def _steps(cfg, data, steps=3):
+    state = build_training(cfg, data, 1e-3, 2, torch.device("cpu"))
+    batches = iterate_batches(
+        data, "train", cfg.optim.batch_size, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+    accum = cfg.optim.grad_accum
+    for k in range(steps):
+        window = [next(batches) for _ in range(accum)]
+        train_step(state, Window(epoch=1, step=k + 1, first_batch=k * accum, batches=window))
+        state.schedule.step()
+    state.placement.synchronize()
+    return state
+
+
+def _assert_same_training(a, b):
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    for unit in a.optimizers:
+        oa, ob = a.optimizers[unit].state_dict(), b.optimizers[unit].state_dict()
+        assert oa["state"].keys() == ob["state"].keys() and oa["state"], unit
+        for i, st in oa["state"].items():
+            for key, value in st.items():
+                assert torch.equal(value, ob["state"][i][key]), (unit, i, key)
+
+
+@pytest.mark.parametrize(
+    ("preset", "stream_overrides"),
+    [
+        ("tiny", ["memory.gpu_budget_gb=0.022"]),  # most units stream, moments with them, prefetched
+        ("tiny", ["memory.gpu_budget_gb=0.022", "memory.stream_moments=sharded", "memory.shard_mb=1"]),
+        ("mid", ["memory.gpu_budget_gb=0.5", "memory.stream_moments=sharded", "memory.shard_mb=4"]),
+    ],
+)
+def test_stream_equals_resident_bit_for_bit(data_cache, data, preset, stream_overrides):
+    base = [f"model.preset={preset}", "optim.batch_size=8", "optim.grad_accum=2", "model.dropout=0.1"]
+    resident = _steps(smoke(data_cache, *base, "memory.strategy=resident"), data)
+    streamed = _steps(smoke(data_cache, *base, "memory.strategy=stream", *stream_overrides), data)
+    plan = streamed.placement.plan
+    assert plan.strategy == "stream" and len(plan.streamed) >= 2, format_plan(plan)
+    if "memory.stream_moments=sharded" in stream_overrides:
+        assert {plan.unit(u).moments for u in plan.streamed} == {"sharded"}
+    moves, _ = streamed.placement.drain()
+    assert {"stream_in", "stream_out"} <= {m["action"] for m in moves}
+    _assert_same_training(resident, streamed)
+
+
+def test_dropout_is_on_and_seeded_per_unit(data_cache, data):
+    """Two different seeds give different weights (dropout and init draw from the seed)."""
+    base = ["optim.batch_size=8", "optim.grad_accum=2", "model.dropout=0.5", "memory.strategy=resident"]
+    a = _steps(smoke(data_cache, *base), data, steps=1)
+    b = _steps(smoke(data_cache, *base, "run.seed=1"), data, steps=1)
+    assert not torch.equal(a.model.phase0.net[0].weight, b.model.phase0.net[0].weight)
+
+
+# ---------------------------------------------------------------------------
+# The budget, the records, the swap manager
+
+
+def test_stream_under_a_byte_budget_never_exceeds_it(data_cache, data):
+    cfg = smoke(data_cache, "memory.strategy=stream", "memory.gpu_budget_gb=0.022", "optim.batch_size=16")
+    state = build_training(cfg, data, 1e-3, 2, torch.device("cpu"))
+    whole = sum(p.numel() for p in state.model.parameters()) * 16  # weights, grads, AdamW moments
+    budget = cpu_budget(cfg.memory).bytes
+    assert whole > budget
+    tr = train_epoch(state, data, 1)
+    assert math.isfinite(tr.loss)
+    peaks = [t["peak_bytes"] for t in tr.memory_trace]
+    assert len(peaks) == len(selection_units()) * state.steps_per_epoch  # one per unit turn
+    assert max(peaks) <= state.placement.plan.limit_bytes <= budget
+    units_moved = {m["module"] for m in tr.memory_moves if m["action"] == "stream_in"}
+    assert units_moved == set(state.placement.plan.streamed)
+    for m in tr.memory_moves:
+        assert m["bytes"] > 0 and m["seconds"] >= 0 and m["memory_after"] <= budget
+
+
+def test_swap_manager_rule():
+    assert swap_out_count(0.86, 0.85) == 1 and swap_out_count(1.12, 0.85) == 2
+    dsm = SwapManager(target=0.85, budget_bytes=1000)
+    resident = [
+        Candidate("group_a", NEVER_SWAPPED, 500),
+        Candidate("group_b", 50, 300),
+        Candidate("phase0", 10, 50),
+        Candidate("advanced_emotion", 20, 100),
+    ]
+    assert dsm.to_swap_out(0.85, resident) == []
+    assert dsm.to_swap_out(1.06, resident) == ["phase0", "advanced_emotion"]  # ascending priority, 21 % over
+    assert "group_a" not in dsm.to_swap_out(1.5, resident)  # never the backbone's group
+    swapped = {c.name: c for c in resident}
+    assert dsm.to_bring_back(0.5, swapped) is None  # nothing swapped out yet
+    dsm.swapped = ["advanced_emotion", "phase0"]
+    assert dsm.to_bring_back(0.80, swapped) is None  # inside the band: nothing
+    assert dsm.to_bring_back(0.70, swapped) == "phase0"  # most recent first
+    dsm.swapped = ["group_b"]
+    assert dsm.to_bring_back(0.70, swapped) is None  # 0.70 + 0.30 would pass the target
+
+
+def test_swap_manager_acts_records_and_changes_nothing_numerically(data_cache, data):
+    """A plan that believed too much fits: the swap manager swaps units out at run time (lowest
+    priority first), every move is recorded, and the weights equal resident training's."""
+    base = ["optim.batch_size=8", "optim.grad_accum=2"]
+    resident = _steps(smoke(data_cache, *base, "memory.strategy=resident"), data, steps=4)
+    cfg = smoke(data_cache, *base, "memory.strategy=stream", "memory.gpu_budget_gb=0.05")
+    state = build_training(cfg, data, 1e-3, 2, torch.device("cpu"))
+    assert not state.placement.plan.streamed  # the plan keeps everything
+    state.placement.dsm = SwapManager(target=0.85, budget_bytes=int(0.025 * GiB))  # the card is smaller
+    batches = iterate_batches(data, "train", 8, shuffle=True, generator=torch.Generator().manual_seed(7))
+    for k in range(4):
+        train_step(state, Window(1, k + 1, 2 * k, [next(batches), next(batches)]))
+        state.schedule.step()
+    moves, trace = state.placement.drain()
+    swapped_out = [m["module"] for m in moves if m["action"] == "swap_out"]
+    assert swapped_out[0] == "phase0"  # priority 10, the biggest of the lowest
+    priorities = [state.placement.slots[u].priority for u in swapped_out]
+    assert priorities == sorted(priorities) and "group_a" not in swapped_out
+    assert state.placement.dsm.swapped == swapped_out
+    assert set(swapped_out) <= set(state.placement.plan.streamed)
+    assert all(
+        m["bytes"] == 12 * state.placement.slots[m["module"]].numel
+        for m in moves
+        if m["action"] == "swap_out"
+    )
+    assert len(trace) == 4 * len(selection_units())
+    _assert_same_training(resident, state)
+
+
+def test_resume_under_stream_restores_the_swap_state_exactly(data_cache, data, tmp_path):
+    from tune.checkpoints import write_checkpoint
+    from tune.trainable import restore, resume_state
+
+    cfg = smoke(data_cache, "memory.strategy=stream", "memory.gpu_budget_gb=0.05", "optim.batch_size=32")
+    small = int(0.025 * GiB)
+
+    def fresh():
+        state = build_training(cfg, data, 1e-3, 4, torch.device("cpu"))
+        state.placement.dsm = SwapManager(target=0.85, budget_bytes=small)
+        return state
+
+    straight = fresh()
+    for epoch in (1, 2, 3):
+        train_epoch(straight, data, epoch)
+    first = fresh()
+    for epoch in (1, 2):
+        train_epoch(first, data, epoch)
+    assert first.placement.dsm.swapped
+    first.placement.synchronize()
+    ckpt = write_checkpoint(
+        tmp_path / "ckpt",
+        model_state=first.model.state_dict(),
+        metrics={},
+        meta={"epoch": 2, "data_fingerprint": data.fingerprint},
+        resume_state=resume_state(first, 2),
+    )
+    second = fresh()
+    assert restore(second, ckpt, cfg, data) == 2
+    assert second.placement.dsm.swapped == first.placement.dsm.swapped
+    assert not any(second.placement.slots[u].resident for u in second.placement.dsm.swapped)
+    train_epoch(second, data, 3)
+    straight.placement.synchronize()
+    second.placement.synchronize()
+    _assert_same_training(straight, second)
+
+
+# ---------------------------------------------------------------------------
+# Validation, devices, precision
+
+
+def test_validation_is_the_same_streamed_and_records_every_module(data_cache, data):
+    from model.groups import MODULES
+
+    a = build_training(smoke(data_cache, "memory.strategy=resident"), data, 1e-3, 1, torch.device("cpu"))
+    b = build_training(
+        smoke(data_cache, "memory.strategy=stream", "memory.gpu_budget_gb=0.022", "optim.eval_batch_size=16"),
+        data,
+        1e-3,
+        1,
+        torch.device("cpu"),
+    )
+    va = validate_state(a, data, collect_activations=True)
+    vb = validate_state(b, data, collect_activations=True)
+    assert set(va.activations) == set(MODULES)  # group B's four analyzers included
+    assert va.module_loss.keys() == vb.module_loss.keys()
+    for m in va.module_loss:
+        assert va.module_loss[m] == pytest.approx(vb.module_loss[m], rel=1e-5)
+    assert va.accuracy == vb.accuracy
+
+
+def test_a_gpu_ray_gave_that_torch_cannot_see_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trial_device([]) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match=r"Ray assigned this trial GPU\(s\) \[0\].*sees no CUDA device"):
+        trial_device([0])
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_takes_bf16_only_where_native(monkeypatch, native, expected):
+    def supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation  # an RTX 2070: bf16 only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert choose_precision("auto", torch.device("cuda")) == expected
+    assert choose_precision("auto", torch.device("cpu")) is None
+    assert choose_precision("fp16", torch.device("cuda")) == torch.float16
+
+
+def test_every_unit_of_the_declaration_is_planned(data_cache):
+    cfg = smoke(data_cache, "memory.strategy=stream", "memory.gpu_budget_gb=0.03")
+    plan, _ = plan_for(cfg, task_specs("vader"), 384, device="cpu", budget=cpu_budget(cfg.memory))
+    planned = {u.name for u in plan.units}
+    assert planned == {u.name for u in selection_units()}
+    assert set(GROUPS["group_a"]) <= {
+        m for u in selection_units() if u.name in plan.resident for m in u.modules
+    }

@@ -1,0 +1,115 @@
+"""The memory component: fitting the model into a GPU budget (SPEC §4.1, ../MEMORY.md in the design notes).
+
+    plan = plan_for(cfg, tasks, input_dim, device, budget)    # which units stay, which stream
+    placement = Placement(model, optimizers, plan, ...)        # carries it out, runs the swap manager
+    train_step(state, window)                                  # one optimizer step, resident or streamed
+
+The training loop asks this package for the step and knows nothing else about
+where the weights live.  See plan.py for the arithmetic, placement.py for the
+moves, dsm.py for the run-time rule and step.py for why the results do not
+depend on the strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.family import build_model
+from model.tasks import TaskSpec
+from tune.config import Config
+from tune.memory.budget import Budget, configure_allocator, cpu_budget, cuda_budget, planning_budget
+from tune.memory.dsm import SwapManager
+from tune.memory.placement import Placement
+from tune.memory.plan import (
+    GiB,
+    MemoryPlan,
+    PlanError,
+    PlanSettings,
+    UnitSize,
+    format_plan,
+    make_plan,
+    measure_units,
+)
+from tune.memory.step import (
+    LOSS_COLUMNS,
+    EvalMover,
+    NonFiniteLossError,
+    StepResult,
+    Window,
+    loss_weights,
+    predict_outputs,
+    total_of,
+    train_step,
+)
+
+__all__ = [
+    "LOSS_COLUMNS",
+    "Budget",
+    "EvalMover",
+    "GiB",
+    "MemoryPlan",
+    "NonFiniteLossError",
+    "Placement",
+    "PlanError",
+    "StepResult",
+    "SwapManager",
+    "UnitSize",
+    "Window",
+    "configure_allocator",
+    "cpu_budget",
+    "cuda_budget",
+    "format_plan",
+    "loss_weights",
+    "plan_for",
+    "planning_budget",
+    "predict_outputs",
+    "total_of",
+    "train_step",
+    "trial_budget",
+]
+
+
+def autocast_bytes(precision: str, on_gpu: bool) -> int:
+    """Bytes per element of autocast's casts and activations: 2 under bf16/fp16, 4 in fp32."""
+    return 4 if (precision == "fp32" or not on_gpu) else 2
+
+
+def trial_budget(cfg: Config, device: torch.device, gpu_share: float) -> Budget:
+    """The budget of a trial on ``device``: measured and enforced on a GPU, counted on a CPU."""
+    if device.type == "cuda":
+        return cuda_budget(cfg.memory, device, gpu_share)
+    return cpu_budget(cfg.memory)
+
+
+def plan_for(
+    cfg: Config,
+    tasks: dict[str, TaskSpec],
+    input_dim: int,
+    *,
+    device: str,
+    budget: Budget,
+) -> tuple[MemoryPlan, tuple[UnitSize, ...]]:
+    """The memory plan of ``cfg``'s model for a trial on a ``device`` ('cuda' or 'cpu') with ``budget``.
+
+    On a CPU-only trial, 'stream' counts bytes against the budget and 'auto' or
+    'resident' keep everything where it is (there is no device memory to save).
+    """
+    on_gpu = device == "cuda"
+    kind = "cuda" if on_gpu else ("accounting" if cfg.memory.strategy == "stream" else "cpu")
+    elem = autocast_bytes(cfg.optim.precision, on_gpu)
+    with torch.device("meta"):
+        model = build_model(cfg.model, tasks, input_dim)
+    sizes = measure_units(model, cfg.optim.batch_size, cfg.data.max_tokens, input_dim, elem)
+    settings = PlanSettings(
+        requested=cfg.memory.strategy,
+        device=kind,
+        budget_bytes=budget.bytes,
+        target=cfg.memory.target,
+        context_bytes=budget.context_bytes,
+        cast_bytes=0 if elem == 4 else 2,
+        shard_bytes=cfg.memory.shard_mb * 2**20,
+        prefetch=cfg.memory.prefetch and kind != "cpu",
+        always_shard=cfg.memory.stream_moments == "sharded",
+    )
+    plan = make_plan(sizes, settings)
+    return plan, sizes

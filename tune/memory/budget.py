@@ -1,0 +1,99 @@
+"""A trial's memory budget: how many bytes it may use, how that is enforced, and how use is measured.
+
+On a GPU the budget is the smaller of ``memory.gpu_budget_gb`` and the trial's
+fractional share of the card.  It is enforced on PyTorch's caching allocator with
+``torch.cuda.set_per_process_memory_fraction`` (measured against reserved
+memory), after the CUDA context and anything else on the card outside this
+process's allocator has been subtracted, so what must fit in the budget is
+``max_memory_reserved + context``.
+
+On a CPU-only trial with ``memory.strategy: stream`` the budget is a
+byte-accounting one: the placement counts the bytes of weights, gradients and
+AdamW moments it has put "on the device", and that count is what the plan, the
+swap manager and the tests hold to the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tune.config import MemoryConfig
+from tune.memory.plan import GiB
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int
+    """What one trial may use on the device, CUDA context included."""
+    context_bytes: int
+    """Bytes on the card outside this process's allocator (0 when counting bytes on a CPU)."""
+    card_bytes: int | None
+    """The card's total memory (None on a CPU-only trial)."""
+    source: str
+    """Which limit set it: 'memory.gpu_budget_gb' or 'GPU share'."""
+    measured_context: bool
+
+
+def configure_allocator() -> None:
+    """Expandable segments, so reserved memory tracks allocated memory (set before the first CUDA allocation)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def cpu_budget(cfg: MemoryConfig) -> Budget:
+    """The byte-accounting budget of a CPU-only trial."""
+    return Budget(
+        bytes=int(cfg.gpu_budget_gb * GiB),
+        context_bytes=0,
+        card_bytes=None,
+        source="memory.gpu_budget_gb",
+        measured_context=False,
+    )
+
+
+def planning_budget(cfg: MemoryConfig) -> Budget:
+    """The budget the plan assumes before any GPU is seen (``run.py params``): the config's card and context."""
+    return Budget(
+        bytes=int(cfg.gpu_budget_gb * GiB),
+        context_bytes=int(cfg.context_gb * GiB),
+        card_bytes=None,
+        source="memory.gpu_budget_gb",
+        measured_context=False,
+    )
+
+
+def cuda_budget(cfg: MemoryConfig, device: torch.device, gpu_share: float) -> Budget:
+    """Measure the context, pick the smaller of the configured budget and the GPU share, enforce it."""
+    torch.cuda.init()
+    torch.empty(1, device=device)  # creates the context and the allocator
+    free, total = torch.cuda.mem_get_info(device)
+    outside = (total - free) - torch.cuda.memory_reserved(device)
+    context, measured = outside, True
+    if outside > 2 * cfg.context_gb * GiB:
+        log.warning(
+            "%.2f GiB of %s are used outside this trial's allocator (other processes?); counting %.2f GiB "
+            "(memory.context_gb) as this trial's context",
+            outside / GiB,
+            torch.cuda.get_device_name(device),
+            cfg.context_gb,
+        )
+        context, measured = int(cfg.context_gb * GiB), False
+    configured = int(cfg.gpu_budget_gb * GiB)
+    share = int(min(gpu_share, 1.0) * total)
+    budget, source = (configured, "memory.gpu_budget_gb") if configured <= share else (share, "GPU share")
+    if budget <= context:
+        raise RuntimeError(
+            f"GPU budget {budget / GiB:.2f} GiB ({source}) is smaller than the {context / GiB:.2f} GiB the "
+            f"CUDA context already takes on {torch.cuda.get_device_name(device)}; raise memory.gpu_budget_gb "
+            "or resources.gpu"
+        )
+    torch.cuda.set_per_process_memory_fraction((budget - context) / total, device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return Budget(
+        bytes=budget, context_bytes=context, card_bytes=total, source=source, measured_context=measured
+    )
