@@ -1,321 +1,145 @@
-"""Red Heart pipeline: one subcommand per stage.
+"""Red Heart pipeline: one subcommand per stage, every output under <run.output_root>/<run.name>/.
 
-    python run.py sweep  [config.yaml] [key=value ...]   phase 1: the five-LR sweep (Ray Tune)
-    python run.py train  [config.yaml] [key=value ...]   phase 2: one long Tune trial, checkpoints every 2 epochs
-    python run.py resume [experiment_dir]                continue an interrupted sweep or training run
-    python run.py analyze   [config.yaml] [key=value ...] phase 3: sweet spots, learning curves, heat map
-    python run.py crossover [config.yaml] [key=value ...] phase 4: the crossover model and its variants
-    python run.py report    [config.yaml] [key=value ...] test-split evaluation of crossover, ensemble, baselines
-    python run.py all       [config.yaml] [key=value ...] [--seeds N]   every stage; finished ones are skipped
-    python run.py status    [config.yaml] [key=value ...] progress of the training run
-    python run.py params    [config.yaml] [--json]        parameters per module and group, memory estimate
+    python run.py all                                   every stage on configs/default.yaml
+    python run.py sweep configs/default.yaml sweep.epochs=3 run.output_root=/data/runs
 
-The config defaults to configs/default.yaml; ``key=value`` overrides any field
-(``python run.py sweep configs/default.yaml sweep.epochs=3``).
+A config file (default configs/default.yaml), then key=value overrides of any field.
+An error a user can cause prints one message (--debug: with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 
-def _split_args(args: list[str]) -> tuple[Path, list[str]]:
-    """The first argument not containing '=' is the config file; the rest are overrides."""
-    config, overrides = None, []
-    for a in args:
-        if "=" in a:
-            overrides.append(a)
-        elif config is None:
-            config = Path(a)
-        else:
-            raise SystemExit(f"error: unexpected argument {a!r} (one config file, then key=value overrides)")
-    return config or DEFAULT_CONFIG, overrides
+class Parser(argparse.ArgumentParser):  # a bad argument is one line saying where to look, not the usage block
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _load(args: list[str]):
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def load(ns: argparse.Namespace):
+    """The config: the one argument without '=' is the file, the others are key=value overrides."""
     from tune.config import load_config
 
-    path, overrides = _split_args(args)
-    return load_config(path, overrides), overrides
+    files = [a for a in ns.args if "=" not in a]
+    if len(files) > 1:
+        ns.parser.error(f"one config file, then key=value overrides; got {files}")
+    return load_config(files[0] if files else DEFAULT_CONFIG, [a for a in ns.args if "=" in a])
 
 
-def _prepare(cfg) -> None:
-    """Fetch, validate and encode the data in the driver, with a progress bar, before any trial starts."""
-    from tune.config import cache_dir
-    from tune.data import prepare_data
-
-    data = prepare_data(cfg.data, cache_dir(cfg), show_progress=True)
-    counts = {k: len(v) for k, v in data.splits.items()}
-    print(
-        f"[data] {cfg.data.source}: {sum(counts.values())} records, split {counts}, fingerprint {data.fingerprint[:12]}"
-    )
+def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep result is used
+    return any(a.startswith("optim.lr=") for a in ns.args)
 
 
-def cmd_sweep(args: list[str]) -> None:
-    from tune.resources import start_ray
+def cmd_stage(ns):
+    from analysis.stages import BY_NAME  # sweep, analyze, crossover, report: their stage on the loaded config
 
-    cfg, _ = _load(args)
-    _prepare(cfg)
-    start_ray(cfg)
-    _sweep(cfg)
+    BY_NAME[ns.command](load(ns))
 
 
-def _sweep(cfg) -> None:
-    """Run (or reuse) the sweep, draw its figure, print every candidate's score."""
-    import pandas as pd
+def cmd_train(ns):
+    from analysis.stages import train_stage
+    from tune.train import choose_lr, with_lr
 
-    from analysis.figures import lr_sweep_figure
-    from tune.sweep import best_lr_path, run_sweep, sweep_dir
-
-    best = run_sweep(cfg)
-    rows = pd.read_csv(sweep_dir(cfg) / "lr_sweep_all.csv")
-    fig = lr_sweep_figure(rows, best.lr, sweep_dir(cfg) / "lr_sweep.png")
-    scores = json.loads(best_lr_path(cfg).read_text())["candidates"]
-    print("\n[sweep] scores (lower is better):")
-    for c in scores:
-        mark = "  <- chosen" if c["lr"] == best.lr else ""
-        print(f"    lr {c['lr']:.1e}: score {c['score']:.4f}  final val acc {c['final_val_acc']:.3f}{mark}")
-    print(f"[sweep] chosen LR: {best.lr:.1e}  -> {best_lr_path(cfg)}\n[sweep] figure: {fig}")
+    cfg = load(ns)
+    lr, source = choose_lr(cfg, explicit_lr=explicit_lr(ns), lr_from=ns.lr_from)
+    train_stage(with_lr(cfg, lr), source)
 
 
-def cmd_train(args: list[str]) -> None:
-    from tune.resources import start_ray
-    from tune.train import run_train
+def cmd_resume(ns):
+    from analysis.stages import resume_stage
+    from tune.config import load_config
+    from tune.layout import experiment_dir
 
-    cfg, overrides = _load(args)
-    _prepare(cfg)
-    start_ray(cfg)
-    results = run_train(cfg, lr_from_command_line=any(o.startswith("optim.lr=") for o in overrides))
-    _after_training(cfg, results)
+    resume_stage(ns.experiment or experiment_dir(load_config(DEFAULT_CONFIG), "train"))
 
 
-def _after_training(cfg, results) -> None:
-    """The learning-curve figure of a finished training run."""
-    from analysis import learning_curves_figure, load_training_run
-    from tune.config import output_root
-    from tune.runner import experiment_dir
+def cmd_all(ns):
+    from analysis.stages import all_stages
 
-    run = load_training_run(experiment_dir(cfg, "train"), hashes=False)
-    fig = learning_curves_figure(
-        run.epochs, output_root(cfg) / "analysis" / "learning_curves.png", list(run.complete)
-    )
-    print(
-        f"[train] finished: {results[0].path}\n[train] {len(run.complete)} checkpoints; learning curves: {fig}"
-    )
+    all_stages(load(ns), seeds=ns.seeds, explicit_lr=explicit_lr(ns))
 
 
-def cmd_resume(args: list[str]) -> None:
-    from tune.resources import start_ray
-    from tune.runner import experiment_dir, load_experiment_config
-    from tune.sweep import run_sweep
-    from tune.train import run_train
+def cmd_status(ns):
+    from analysis.status import run_status
 
-    if len(args) > 1:
-        raise SystemExit("usage: python run.py resume [experiment_dir]")
-    if args:
-        path = Path(args[0])
-    else:
-        from tune.config import load_config
-
-        path = experiment_dir(load_config(DEFAULT_CONFIG), "train")
-    cfg, stage = load_experiment_config(path)
-    print(f"[resume] {stage} experiment {path}")
-    _prepare(cfg)
-    start_ray(cfg)
-    if stage == "sweep":
-        run_sweep(cfg)
-    else:
-        _after_training(cfg, run_train(cfg, resume=True))
+    print("\n".join(run_status(load(ns), " ".join(ns.args))))
 
 
-def _analysis_dir(cfg):
-    from tune.config import output_root
-
-    return output_root(cfg) / "analysis"
-
-
-def cmd_analyze(args: list[str]) -> None:
-    from analysis import analyze
-    from tune.runner import experiment_dir
-
-    cfg, _ = _load(args)
-    report = analyze(experiment_dir(cfg, "train"), _analysis_dir(cfg))
-    print("[analyze] sweet spots (epoch per group / independent module):")
-    for unit, epoch in report["sweet_spots"].items():
-        print(f"    {unit:<18} epoch {epoch}")
-    for skipped in report["skipped_checkpoints"]:
-        print(f"[analyze] skipped {skipped['path']}: {skipped['problem']}")
-    print(f"[analyze] {_analysis_dir(cfg) / 'sweet_spots.json'}; figures: {', '.join(report['figures'])}")
-
-
-def cmd_crossover(args: list[str]) -> None:
-    from analysis import crossover
-    from tune.config import output_root
-    from tune.runner import experiment_dir
-
-    cfg, _ = _load(args)
-    summary = crossover(experiment_dir(cfg, "train"), output_root(cfg) / "final")
-    print(f"[crossover] sweet spots {summary['sweet_spots']}")
-    for delta, spots in summary["variants"].items():
-        print(f"[crossover] variant {int(delta):+d}: {spots}")
-    print(f"[crossover] weights: {summary['weights']}")
-
-
-def _evaluate(cfg, out_dir):
-    from analysis import evaluate_all
-    from tune.runner import experiment_dir
-
-    return evaluate_all(experiment_dir(cfg, "train"), out_dir, seed=cfg.run.seed)
-
-
-def _print_results(results) -> None:
-    cols = [c for c in results.columns if c.endswith(("_accuracy", "_mae")) or c == "fused_loss"]
-    print(results[["method", "seed", *cols]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-
-
-def cmd_report(args: list[str]) -> None:
-    from analysis import summarize_seeds
-
-    cfg, _ = _load(args)
-    results = _evaluate(cfg, _analysis_dir(cfg))
-    print("[report] test split (selection used validation only):")
-    _print_results(results)
-    summary = summarize_seeds([_analysis_dir(cfg) / "results.csv"], _analysis_dir(cfg))
-    print(f"[report] {_analysis_dir(cfg) / 'results.csv'}; figure: {summary['figure']}")
-
-
-def cmd_all(args: list[str]) -> None:
-    """sweep -> train -> analyze -> crossover -> report; finished stages are reused, an interrupted one resumed."""
-    from analysis import analyze, crossover, summarize_seeds
-    from tune.config import load_config, output_root
-    from tune.resources import start_ray
-    from tune.runner import experiment_dir
-    from tune.train import is_finished, run_train
-
-    seeds = 1
-    if "--seeds" in args:
-        i = args.index("--seeds")
-        seeds = int(args[i + 1])
-        args = args[:i] + args[i + 2 :]
-    base, _ = _load(args)
-    _prepare(base)
-    start_ray(base)
-    _sweep(base)
-    result_files = []
-    for k in range(seeds):
-        seed = base.run.seed + k
-        # The first seed is the base run itself (reused if already trained); others get their own names.
-        extra = [] if k == 0 else [f"run.seed={seed}", f"run.name={base.run.name}-seed{seed}"]
-        path, ov = _split_args(args)
-        cfg = load_config(path, [*ov, *extra])
-        out = _analysis_dir(cfg) if seeds == 1 else _analysis_dir(cfg) / f"seed{seed}"
-        exp = experiment_dir(cfg, "train")
-        results = run_train(cfg, resume=is_finished(exp) is False)
-        _after_training(cfg, results)
-        analyze(exp, out)
-        crossover(exp, output_root(cfg) / "final" if seeds == 1 else out / "final")
-        results = _evaluate(cfg, out)
-        print(f"[all] seed {seed}: test split")
-        _print_results(results)
-        result_files.append(out / "results.csv")
-    summary = summarize_seeds(result_files, _analysis_dir(base))
-    print("[all] mean ± std over seeds:")
-    print(summary["summary"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if seeds > 1:
-        print("[all] paired difference against the best single checkpoint:")
-        print(summary["paired_differences"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"[all] figure: {summary['figure']}")
-
-
-def cmd_status(args: list[str]) -> None:
-    """Progress of the training run: epoch / total, latest checkpoint, peak memory, errors."""
-    import pandas as pd
-
-    from tune.runner import experiment_dir, experiment_state
-
-    cfg, _ = _load(args)
-    exp = experiment_dir(cfg, "train")
-    state = experiment_state(exp)
-    if state is None:
-        print(f"[status] no training experiment at {exp} yet")
-        return
-    for trial_dir in sorted(p for p in exp.iterdir() if p.is_dir()):
-        progress = trial_dir / "progress.csv"
-        if not progress.is_file():
-            continue
-        df = pd.read_csv(progress).drop_duplicates("epoch", keep="last")
-        last = df.iloc[-1]
-        total = cfg.train.epochs
-        ckpts = sorted(trial_dir.glob("checkpoint_*"))
-        print(f"[status] {trial_dir.name}: {', '.join(sorted(set(state.values())))}")
-        print(
-            f"    epoch {int(last['epoch'])}/{total} ({100 * last['epoch'] / total:.0f} %), val loss {last['val_loss']:.4f}, "
-            f"val acc {last['val_acc']:.3f}, peak memory {last['peak_memory_mb']:.0f} MB ({last['memory_kind']})"
-        )
-        print(f"    checkpoints: {len(ckpts)}, latest {ckpts[-1] if ckpts else '-'}")
-        err = trial_dir / "error.txt"
-        if err.is_file():
-            tail = err.read_text().splitlines()[-100:]
-            hits = [line for line in tail if "Error" in line or "out of memory" in line]
-            print("    ERRORS:\n      " + "\n      ".join(hits[-5:] or tail[-3:]))
-
-
-def cmd_params(args: list[str]) -> None:
+def cmd_params(ns):
     from model.report import format_params_report, params_report
     from tune.data import task_specs
     from tune.data.encoding import ENCODER_DIMS
 
-    as_json = "--json" in args
-    cfg, _ = _load([a for a in args if a != "--json"])
+    cfg = load(ns)
     report = params_report(cfg.model, task_specs(cfg.data.source), input_dim=ENCODER_DIMS[cfg.data.encoder])
-    print(json.dumps(report, indent=2) if as_json else format_params_report(report))
+    print(json.dumps(report, indent=2) if ns.json else format_params_report(report))
 
 
-COMMANDS = {
-    "sweep": cmd_sweep,
-    "train": cmd_train,
-    "resume": cmd_resume,
-    "analyze": cmd_analyze,
-    "crossover": cmd_crossover,
-    "report": cmd_report,
-    "all": cmd_all,
-    "status": cmd_status,
-    "params": cmd_params,
-}
+def build_parser() -> Parser:
+    parser = Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=Parser)
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    configured = Parser(add_help=False, parents=[common])
+    configured.add_argument("args", nargs="*", metavar="[config.yaml] [key=value]", help="config, overrides")
+
+    def add(name: str, func, about: str, parent: Parser = configured) -> Parser:
+        sub = commands.add_parser(name, parents=[parent], help=about, description=about)
+        sub.set_defaults(func=func, parser=sub)
+        return sub
+
+    add("sweep", cmd_stage, "phase 1: the LR sweep")
+    train = add("train", cmd_train, "phase 2: the long training run")
+    train.add_argument("--lr-from", type=Path, metavar="PATH", help="a sweep's best_lr.json (or its run dir)")
+    resume = add("resume", cmd_resume, "continue an interrupted sweep or training experiment", common)
+    resume.add_argument("experiment", nargs="?", type=Path, help="<run dir>/sweep or <run dir>/train")
+    add("analyze", cmd_stage, "phase 3: sweet spots and figures")
+    add("crossover", cmd_stage, "phase 4: the crossover model")
+    add("report", cmd_stage, "test-split evaluation of every method")
+    every = add("all", cmd_all, "every stage; finished ones are reused, an interrupted one resumed")
+    every.add_argument("--seeds", type=positive_int, default=1, help="train N seeds (default 1)")
+    add("status", cmd_status, "where the run stands, and the next command")
+    add("params", cmd_params, "parameters per module and group, memory estimate").add_argument(
+        "--json", action="store_true", help="the report as JSON"
+    )
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="config file, then key=value overrides")
-    ns = parser.parse_args(argv)
-    from tune.config import ConfigError
-    from tune.data import DataError
-    from tune.runner import ExperimentError
+    ns = build_parser().parse_args(argv)
+    if "ray" not in sys.modules:  # Ray reads it once, at import
+        # Ray 2.60 turns token authentication on for a new local cluster and warns so at every start unless
+        # asked for it; asking keeps it on, without the warning (README, "Ray's token"; disabled opts out).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from analysis.stages import USER_ERRORS
 
     try:
-        COMMANDS[ns.command](ns.args)
-    except (ConfigError, DataError, ExperimentError) as exc:
+        ns.func(ns)
+    except USER_ERRORS as exc:
+        if ns.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted; Ray is shut down. Continue with: python run.py resume <experiment>",
-            file=sys.stderr,
-        )
+        print("\ninterrupted; Ray is shut down. python run.py status says how to continue", file=sys.stderr)
         return 130
     finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
     return 0
 
 

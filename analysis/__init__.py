@@ -1,9 +1,9 @@
 """Phases 3 and 4 and the paper's outputs: read a training run, find sweet spots, cross over, evaluate.
 
     from analysis import analyze, crossover, evaluate_all
-    report = analyze("runs/redheart-train", "runs/analysis")
-    summary = crossover("runs/redheart-train", "runs/final")
-    results = evaluate_all("runs/redheart-train", "runs/analysis")
+    report = analyze("runs/redheart/train", "runs/redheart/analysis")
+    summary = crossover("runs/redheart/train", "runs/redheart/final")
+    results = evaluate_all("runs/redheart/train", "runs/redheart/analysis")
 
 Note: ``analysis.crossover`` the *attribute* is the stage function above; the
 module of the same name is imported as ``from analysis.crossover import ...``.

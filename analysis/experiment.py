@@ -5,7 +5,7 @@ wrapped in a ``ResultGrid``; neither needs ``ray.init`` nor the trainable) and
 from the checkpoints' metrics.json / meta.json, verified against their
 manifests.  No log is scraped.
 
-    run = load_training_run("runs/redheart-train")
+    run = load_training_run("runs/redheart/train")
     run.epochs              # one row per epoch (resume duplicates dropped, the last kept)
     run.checkpoint_table    # one row per complete checkpoint: epoch, train_loss, val_loss, val_loss/<module>, ...
     run.modules             # one row per checkpoint x module: epoch, module, group, unit, task, val_loss, val_metric
@@ -25,8 +25,8 @@ import pandas as pd
 
 from model.groups import GROUP_OF, MODULE_TASK, selection_units
 from tune.checkpoints import CheckpointError, CheckpointInfo, verify_checkpoint
-
-CONFIG_FILE = "redheart_config.json"  # written by tune.runner.save_experiment_config
+from tune.layout import CONFIG_FILE
+from tune.runner import dedupe_epochs
 
 
 class ExperimentReadError(RuntimeError):
@@ -81,22 +81,12 @@ def _epoch_key(r: CheckpointRecord) -> tuple[int, str]:
 # Tune's records
 
 
-def dedupe_epochs(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per epoch, the last reported kept: a resumed trial reports the epochs after its
-    checkpoint again, and the later report is the one the surviving weights belong to."""
-    if "epoch" not in df.columns:
-        raise ExperimentReadError(
-            "the trial's results have no 'epoch' column; was it trained by tune/trainable.py?"
-        )
-    return df.drop_duplicates(subset="epoch", keep="last").sort_values("epoch").reset_index(drop=True)
-
-
 def _open_tune_result(path: Path):
     """The experiment's single training trial as a ray.tune Result."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     if not path.is_dir():
-        raise ExperimentReadError(f"{path}: no such directory; pass <output_root>/<run.name>-train")
+        raise ExperimentReadError(f"{path}: no such directory; pass <output_root>/<run.name>/train")
     try:
         analysis = ExperimentAnalysis(str(path))
     except ValueError as exc:  # Ray's message: no experiment_state-*.json found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,10 +34,12 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
     ]
     first = run_py(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "smoke"  # every output of the run under its own directory, nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke"]
     for f in [
         "lr_sweep/best_lr.json",
         "lr_sweep/lr_sweep.png",
-        "lr_sweep/lr_sweep_all.csv",
+        "lr_sweep/lr_sweep.csv",
         "analysis/sweet_spots.json",
         "analysis/learning_curves.png",
         "analysis/sweet_spot_heatmap.png",
@@ -45,10 +48,15 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
         "analysis/selection.json",
         "final/crossover.safetensors",
         "final/crossover.json",
-        "smoke-train/session_info_final.json",
+        "sweep/redheart_config.json",
+        "train/redheart_config.json",
+        "train/session_info_final.json",
     ]:
-        assert (tmp_path / f).is_file(), f
-    results = pd.read_csv(tmp_path / "analysis" / "results.csv")
+        assert (run / f).is_file(), f
+    assert not (run / "lr_sweep" / "lr_sweep_all.csv").exists()  # the figure's CSV holds that table
+    figure_rows = pd.read_csv(run / "lr_sweep" / "lr_sweep.csv")
+    assert {"lr_peak", "epoch", "val_loss", "train_loss", "selection_score"} <= set(figure_rows)
+    results = pd.read_csv(run / "analysis" / "results.csv")
     assert set(results["method"]) == {
         "crossover",
         "crossover_ensemble",
@@ -59,11 +67,88 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
         "topk_ensemble",
     }
     assert (results["split"] == "test").all()
+    # Ray's own hint pointed TensorBoard into its temporary session folder; the experiment's is printed.
+    assert f"tensorboard --logdir {run / 'train'}" in first.stdout and "/tmp/ray/session" not in first.stdout
+    assert "Token authentication is enabled" not in first.stderr
 
     again = run_py(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "already finished; reusing it" in again.stdout
+    assert "finished; reusing it" in again.stdout
     assert "[train] lr=" not in again.stdout  # nothing was trained twice
+
+    status = run_py("status", *args[1:])
+    assert status.returncode == 0, status.stderr
+    assert "chosen LR 1.00e-03" in status.stdout and "epoch 6/6 (100 %)" in status.stdout
+    assert "every stage is done" in status.stdout
+
+    # A changed LR is never silently reused: all honours optim.lr= (it used to ignore it) and refuses here.
+    other_lr = run_py(*args, "optim.lr=2e-3")
+    assert other_lr.returncode == 2
+    assert other_lr.stderr.strip().splitlines() == [
+        f"error: {run / 'train'} was run with another configuration (optim.lr: 0.001 stored, 0.002 now). "
+        "Rerun with the stored values, or choose another run.name for a new run."
+    ]
+
+
+def test_all_with_optim_lr_trains_at_that_lr_without_a_sweep(tmp_path, data_cache):
+    out = run_py(
+        "all",
+        str(REPO / "configs" / "smoke.yaml"),
+        f"run.output_root={tmp_path}",
+        f"data.cache_dir={data_cache}",
+        "optim.lr=2e-3",
+        "train.epochs=4",
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    info = json.loads((tmp_path / "smoke" / "train" / "session_info.json").read_text())
+    assert info["lr"] == 2e-3 and info["lr_source"] == "command line (optim.lr)"
+    assert not (tmp_path / "smoke" / "sweep").exists()
+
+
+def test_status_of_a_finished_sweep_suggests_training(tmp_path, data_cache):
+    args = [
+        str(REPO / "configs" / "smoke.yaml"),
+        f"run.output_root={tmp_path}",
+        f"data.cache_dir={data_cache}",
+    ]
+    assert run_py("sweep", *args).returncode == 0
+    out = run_py("status", *args)
+    assert out.returncode == 0, out.stderr
+    assert f"sweep     {tmp_path / 'smoke' / 'sweep'}: finished, 2 of 2 trials done" in out.stdout
+    assert "chosen LR 1.00e-03" in out.stdout and "training  not started" in out.stdout
+    assert out.stdout.strip().endswith(f"[status] next: python run.py train {' '.join(args)}")
+
+
+def test_help_of_every_subcommand():
+    for command in ["sweep", "train", "resume", "analyze", "crossover", "report", "all", "status", "params"]:
+        out = run_py(command, "--help", timeout=60)
+        assert out.returncode == 0 and out.stdout.startswith(f"usage: run.py {command}"), (
+            command,
+            out.stderr,
+        )
+    assert "--lr-from PATH" in run_py("train", "--help", timeout=60).stdout
+
+
+def test_user_errors_are_one_line_and_a_traceback_only_with_debug(tmp_path):
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    cases = {
+        ("all", "--seeds"): "argument --seeds: expected one argument",
+        ("all", "--seeds", "two"): "argument --seeds: 'two' is not a whole number >= 1",
+        ("sweep", smoke, smoke): "one config file, then key=value overrides",
+        (
+            "analyze",
+            smoke,
+            f"run.output_root={tmp_path}",
+        ): f"{tmp_path / 'smoke' / 'train'}: no such directory",
+        ("resume", str(tmp_path)): "not an experiment started by run.py",
+    }
+    for args, message in cases.items():
+        out = run_py(*args, timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.stderr, (args, out.stderr)
+    debug = run_py("--debug", "analyze", smoke, f"run.output_root={tmp_path}", timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ExperimentReadError" in debug.stderr
 
 
 def test_bad_config_is_one_clear_error(tmp_path):
@@ -80,7 +165,7 @@ def test_bad_config_is_one_clear_error(tmp_path):
         and "sweep.epoch: unknown key" in out.stderr
         and "optim.lr: 'fast'" in out.stderr
     )
-    assert not (tmp_path / "smoke-sweep").exists()  # nothing started
+    assert not (tmp_path / "smoke").exists()  # nothing started
 
 
 def test_params_prints_the_730m_table_with_targets():

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tune.sweep import Candidate, best_lr_path, run_sweep, select_lr, sweep_dir
+from tune.layout import best_lr_path, experiment_dir, sweep_outputs_dir
+from tune.runner import ExperimentError
+from tune.sweep import Candidate, run_sweep, select_lr
 from tune.trainable import selection_score
 
 
@@ -36,16 +39,17 @@ def test_sweep_runs_five_trials_through_tune(smoke_cfg, ray_session):
     from tune.config import cache_dir
     from tune.data import prepare_data
 
-    cfg = smoke_cfg("sweep.lrs=[1e-5, 5e-5, 1e-4, 2e-4, 5e-4]", "sweep.epochs=3")
+    lrs = [1e-5, 5e-5, 1e-4, 2e-4, 5e-4]
+    cfg = smoke_cfg(f"sweep.lrs={lrs}", "sweep.epochs=3")
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
-    best = run_sweep(cfg)
+    best = run_sweep(cfg).best
 
     chosen = json.loads(best_lr_path(cfg).read_text())
     assert chosen["best_lr"] == best.lr
     assert len(chosen["candidates"]) == 5
     assert best.score == min(c["score"] for c in chosen["candidates"])
-    for lr in (1e-5, 5e-5, 1e-4, 2e-4, 5e-4):
-        csv = pd.read_csv(sweep_dir(cfg) / f"lr_{lr:.0e}.csv")
+    for c in chosen["candidates"]:
+        csv = pd.read_csv(sweep_outputs_dir(cfg) / f"{c['trial']}.csv")
         assert list(csv["epoch"]) == [1, 2, 3]
         assert {
             "train_loss",
@@ -57,24 +61,41 @@ def test_sweep_runs_five_trials_through_tune(smoke_cfg, ray_session):
             "epoch_time_s",
             "lr",
         } <= set(csv)
-        assert (sweep_dir(cfg) / f"lr_{lr:.0e}.json").is_file()
+        assert json.loads((sweep_outputs_dir(cfg) / f"{c['trial']}.json").read_text())["lr"] == c["lr"]
 
-    # Ray's own public API opens the experiment: 5 trials with per-epoch DataFrames.
-    exp = sweep_dir(cfg).parent / f"{cfg.run.name}-sweep"
+    # Ray's own public API opens the experiment, in the run's own directory: 5 trials with per-epoch
+    # DataFrames, each in a folder named by its full LR (Tune's default rounded 1e-5 to "lr=0.0000").
+    exp = experiment_dir(cfg, "sweep")
+    assert (
+        exp == sweep_outputs_dir(cfg).parent / "sweep" == Path(cfg.run.output_root) / cfg.run.name / "sweep"
+    )
     analysis = ExperimentAnalysis(str(exp))
     frames = analysis.trial_dataframes
     assert len(frames) == 5
     assert all(len(df) == 3 and df["val_loss"].notna().all() for df in frames.values())
-    assert sorted(t.config["lr"] for t in analysis.trials) == [1e-5, 5e-5, 1e-4, 2e-4, 5e-4]
+    assert sorted(t.config["lr"] for t in analysis.trials) == lrs
+    assert sorted(Path(t.path).name.split("_")[1] for t in analysis.trials) == sorted(
+        f"{lr:.2e}" for lr in lrs
+    )
     # TensorBoard events and progress.csv exist for every trial.
     for t in analysis.trials:
-        files = {p.name for p in __import__("pathlib").Path(t.path).iterdir()}
+        files = {p.name for p in Path(t.path).iterdir()}
         assert "progress.csv" in files and "result.json" in files
         assert any(f.startswith("events.out.tfevents") for f in files)
 
-    # A second run reuses the finished experiment instead of training again.
-    again = run_sweep(cfg)
+    # A second run reuses the finished experiment instead of training again, also with settings that
+    # do not change results (resources, cache location).
+    again = run_sweep(smoke_cfg(f"sweep.lrs={lrs}", "sweep.epochs=3", "resources.cpus_per_trial=2")).best
     assert again.lr == best.lr and len(ExperimentAnalysis(str(exp)).trials) == 5
+
+    # One that changes results is refused, naming the field and both values, and best_lr.json stays.
+    before = best_lr_path(cfg).read_bytes()
+    with pytest.raises(ExperimentError, match=r"sweep\.epochs: 3 stored, 4 now"):
+        run_sweep(smoke_cfg(f"sweep.lrs={lrs}", "sweep.epochs=4"))
+    with pytest.raises(ExperimentError, match=r"sweep\.lrs: \[1e-05, .*\] stored, \[0\.001\] now"):
+        run_sweep(smoke_cfg("sweep.lrs=[1e-3]", "sweep.epochs=3"))
+    assert best_lr_path(cfg).read_bytes() == before
+    assert len(ExperimentAnalysis(str(exp)).trials) == 5
 
 
 def test_optuna_search_with_asha(smoke_cfg, ray_session):
@@ -84,16 +105,27 @@ def test_optuna_search_with_asha(smoke_cfg, ray_session):
     from tune.config import cache_dir
     from tune.data import prepare_data
 
-    cfg = smoke_cfg("sweep.search=optuna", "sweep.num_samples=3", "sweep.asha=true", "sweep.epochs=3")
+    # LRs close together (optuna's 1.2e-4 and 1.4e-4 once shared the file lr_1e-04): each trial has its own.
+    cfg = smoke_cfg(
+        "sweep.search=optuna",
+        "sweep.num_samples=3",
+        "sweep.asha=true",
+        "sweep.epochs=3",
+        "sweep.lrs=[1e-4, 1.9e-4]",
+    )
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
-    best = run_sweep(cfg)
+    best = run_sweep(cfg).best
     chosen = json.loads(best_lr_path(cfg).read_text())
     assert chosen["search"] == "optuna" and len(chosen["candidates"]) == 3
     lo, hi = min(cfg.sweep.lrs), max(cfg.sweep.lrs)
     assert all(lo <= c["lr"] <= hi for c in chosen["candidates"])
     assert best.lr in {c["lr"] for c in chosen["candidates"]}
-    trials = ExperimentAnalysis(str(sweep_dir(cfg).parent / f"{cfg.run.name}-sweep")).trials
+    trials = ExperimentAnalysis(str(experiment_dir(cfg, "sweep"))).trials
     assert len(trials) == 3
+    per_trial = sorted(sweep_outputs_dir(cfg).glob("lr_*.json"))
+    assert len(per_trial) == 3 and {json.loads(f.read_text())["lr"] for f in per_trial} == {
+        t.config["lr"] for t in trials
+    }
 
 
 def test_a_diverging_lr_is_recorded_not_fatal(smoke_cfg, ray_session):
@@ -102,7 +134,7 @@ def test_a_diverging_lr_is_recorded_not_fatal(smoke_cfg, ray_session):
 
     cfg = smoke_cfg("sweep.lrs=[1e-3, 1e6]", "optim.grad_clip=0", "optim.warmup_ratio=0")
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
-    best = run_sweep(cfg)
+    best = run_sweep(cfg).best
     chosen = json.loads(best_lr_path(cfg).read_text())
     assert best.lr == 1e-3
     diverged = [c for c in chosen["candidates"] if c["lr"] == 1e6][0]

@@ -16,6 +16,8 @@ import torch
 
 from model.groups import GROUPS, MODULES
 from tune.checkpoints import load_model_state, verify_checkpoint
+from tune.runner import ExperimentError
+from tune.train import with_lr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,13 +34,14 @@ def checkpoints_of(experiment: Path) -> dict[int, Path]:
 def test_six_epochs_through_tune_leave_checkpoints_2_4_6(smoke_cfg, ray_session):
     from tune.config import cache_dir
     from tune.data import prepare_data
-    from tune.runner import experiment_dir
+    from tune.layout import experiment_dir
     from tune.train import run_train
 
     cfg = smoke_cfg()
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
     results = run_train(cfg)
     exp = experiment_dir(cfg, "train")
+    assert exp == Path(cfg.run.output_root) / "smoke" / "train"
 
     ckpts = checkpoints_of(exp)
     assert sorted(ckpts) == [2, 4, 6]
@@ -73,6 +76,16 @@ def test_six_epochs_through_tune_leave_checkpoints_2_4_6(smoke_cfg, ray_session)
     split = json.loads((exp / "split.json").read_text())  # the split, every record id, recorded with the run
     assert split["fingerprint"] == info.meta["data_fingerprint"]
     assert sum(len(v) for v in split["ids"].values()) == cfg.data.max_samples
+
+    # Reusing the finished run: settings that do not change results are fine; a longer run, whose warm-up
+    # and cycles would differ, is refused with the field and both values, and nothing is trained.
+    again = run_train(smoke_cfg("resources.cpus_per_trial=2", f"data.cache_dir={exp.parent / 'elsewhere'}"))
+    assert list(again[0].metrics_dataframe["epoch"]) == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ExperimentError, match=r"train\.epochs: 6 stored, 8 now"):
+        run_train(smoke_cfg("train.epochs=8"))
+    with pytest.raises(ExperimentError, match=r"optim\.lr: 0\.001 stored, 0\.002 now"):
+        run_train(with_lr(cfg, 2e-3))
+    assert sorted(checkpoints_of(exp)) == [2, 4, 6]
 
 
 def _ray_processes() -> set[int]:
@@ -120,7 +133,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     _finish(_run(["train"], ref_root, data_cache))
 
     proc = _run(["train"], cut_root, data_cache)
-    exp = cut_root / "smoke-train"
+    exp = cut_root / "smoke" / "train"
     _wait_for_checkpoint(proc, exp, 4)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
     proc.wait()
@@ -135,7 +148,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
 
     _finish(_run(["resume", str(exp)], cut_root, data_cache))
 
-    ref, cut = checkpoints_of(ref_root / "smoke-train"), checkpoints_of(exp)
+    ref, cut = checkpoints_of(ref_root / "smoke" / "train"), checkpoints_of(exp)
     assert sorted(ref) == sorted(cut) == [2, 4, 6]
     a, b = load_model_state(ref[6]), load_model_state(cut[6])
     assert a.keys() == b.keys()
@@ -146,7 +159,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
 
     df = load_training_run(exp).epochs
     assert list(df["epoch"]) == [1, 2, 3, 4, 5, 6]  # no duplicated epochs after the resume
-    ref_df = load_training_run(ref_root / "smoke-train").epochs
+    ref_df = load_training_run(ref_root / "smoke" / "train").epochs
     assert df["val_loss"].tolist() == ref_df["val_loss"].tolist()
     assert not (_ray_processes() - before)
 
@@ -155,7 +168,7 @@ def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, data_cache):
     """SIGINT to the foreground process group, as a terminal's Ctrl-C sends it."""
     before = _ray_processes()
     proc = _run(["train"], tmp_path, data_cache)
-    exp = tmp_path / "smoke-train"
+    exp = tmp_path / "smoke" / "train"
     _wait_for_checkpoint(proc, exp, 2)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -185,16 +198,90 @@ def _kill_group(pgid: int) -> None:
 def test_nan_loss_stops_with_a_named_error_and_keeps_checkpoints(smoke_cfg, ray_session, bad_lr):
     from tune.config import cache_dir
     from tune.data import prepare_data
-    from tune.runner import ExperimentError, experiment_dir
+    from tune.layout import experiment_dir
     from tune.train import run_train
 
     cfg = smoke_cfg(f"optim.lr={bad_lr}", "optim.grad_clip=0", "optim.warmup_ratio=0", "train.epochs=6")
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
     with pytest.raises(ExperimentError) as err:
-        run_train(cfg, lr_from_command_line=True)
+        run_train(cfg, "command line (optim.lr)")
     msg = str(err.value)
     assert "NonFiniteLossError" in msg and "python run.py resume" in msg
     error_txt = "".join(p.read_text() for p in experiment_dir(cfg, "train").glob("*/error.txt"))
     assert "non-finite" in error_txt and "epoch" in error_txt and "module" in error_txt
     for d in checkpoints_of(experiment_dir(cfg, "train")).values():
         verify_checkpoint(d)  # whatever was written before the failure is intact
+
+
+def _fake_sweep(cfg, best_lr: float) -> Path:
+    """A finished sweep's records as run_sweep leaves them: the stored config and best_lr.json."""
+    from tune.config import config_to_dict
+    from tune.files import write_json_atomic
+    from tune.layout import CONFIG_FILE, best_lr_path, experiment_dir
+
+    write_json_atomic(
+        experiment_dir(cfg, "sweep") / CONFIG_FILE, {"stage": "sweep", "config": config_to_dict(cfg)}
+    )
+    write_json_atomic(
+        best_lr_path(cfg), {"best_lr": best_lr, "experiment": str(experiment_dir(cfg, "sweep"))}
+    )
+    return best_lr_path(cfg)
+
+
+def test_train_takes_only_its_own_runs_sweep_result(smoke_cfg):
+    from tune.train import choose_lr
+
+    other = _fake_sweep(smoke_cfg("run.name=tiny-sweep", "model.dropout=0.3"), 7e-4)
+    cfg = smoke_cfg()
+    # Another run's sweep is never picked up by itself (it once was: lr_sweep/ sat beside every run).
+    lr, source = choose_lr(cfg, explicit_lr=False)
+    assert lr == cfg.optim.lr and "no sweep result" in source
+    # The run's own sweep is; a sweep the user names is, with a note on what differs; optim.lr= wins.
+    _fake_sweep(cfg, 3e-4)
+    assert choose_lr(cfg, explicit_lr=False) == (
+        3e-4,
+        str(other.parents[2] / "smoke" / "lr_sweep" / "best_lr.json"),
+    )
+    assert choose_lr(cfg, explicit_lr=False, lr_from=other.parents[1]) == (
+        7e-4,
+        f"--lr-from {other.parents[1]}",
+    )
+    assert choose_lr(cfg, explicit_lr=True)[0] == cfg.optim.lr
+    with pytest.raises(ExperimentError, match="not both"):
+        choose_lr(cfg, explicit_lr=True, lr_from=other)
+    with pytest.raises(ExperimentError, match="no best_lr.json"):
+        choose_lr(cfg, explicit_lr=False, lr_from=other.parents[2] / "nowhere")
+
+
+def test_a_sweep_of_another_model_gives_its_run_no_lr(smoke_cfg):
+    from tune.train import choose_lr
+
+    _fake_sweep(smoke_cfg("model.dropout=0.3", "sweep.epochs=4"), 7e-4)
+    # The sweep's own settings (epochs) do not matter; its model does.
+    with pytest.raises(ExperimentError, match=r"model\.dropout: 0\.3 in the sweep, 0\.1 now"):
+        choose_lr(smoke_cfg(), explicit_lr=False)
+    assert choose_lr(smoke_cfg("model.dropout=0.3"), explicit_lr=False)[0] == 7e-4
+
+
+def test_torch_threads_leave_a_core_to_ray_when_a_trial_holds_them_all():
+    from tune.resources import torch_threads
+
+    assert torch_threads(2, cores=2) == 1  # the shipped default on a 2-core machine: 1.16x slower with 2
+    assert torch_threads(4, cores=16) == 4
+    assert torch_threads(16, cores=16) == 15
+    assert torch_threads(0.5, cores=2) == torch_threads(1, cores=1) == 1
+
+
+def test_a_trial_sets_torch_threads_from_the_cpus_ray_gives_it(smoke_cfg, ray_session):
+    from tune.config import cache_dir
+    from tune.data import prepare_data
+    from tune.layout import experiment_dir
+    from tune.resources import torch_threads
+    from tune.train import run_train
+
+    # The shipped default leaves torch_threads unset and asks for 2 CPUs; the session's Ray has 2.
+    cfg = smoke_cfg("resources.torch_threads=null", "resources.cpus_per_trial=2", "train.epochs=2")
+    prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    run_train(cfg)
+    (ckpt,) = checkpoints_of(experiment_dir(cfg, "train")).values()
+    assert verify_checkpoint(ckpt).meta["device"]["threads"] == torch_threads(2)

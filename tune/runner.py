@@ -1,29 +1,50 @@
-"""The thin layer over Ray Tune both phases share: start or restore a Tuner, print progress, check the outcome."""
+"""The thin layer over Ray Tune both phases share: start or restore a Tuner, print progress, check the outcome.
+
+Every experiment keeps one stored config (``redheart_config.json``); reusing or
+resuming it with a config that differs in a field that changes results is refused
+(``check_same_config``).  Whether an experiment exists, finished or not, comes
+from Ray's public API (``Tuner.can_restore``, ``ExperimentAnalysis``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ray.tune import Callback, CheckpointConfig, RunConfig, TuneConfig, Tuner, with_parameters, with_resources
+import pandas as pd
+from ray.tune import (
+    Callback,
+    CheckpointConfig,
+    ExperimentAnalysis,
+    ResultGrid,
+    RunConfig,
+    TuneConfig,
+    Tuner,
+    with_parameters,
+    with_resources,
+)
+from ray.tune.experiment import Trial
 
-from tune.checkpoints import write_json_atomic
-from tune.config import Config, config_from_dict, config_to_dict, output_root
+from tune.config import Config, cache_dir, config_from_dict, config_to_dict
+from tune.files import write_json_atomic
+from tune.layout import CONFIG_FILE, SPLIT_FILE, experiment_dir
 from tune.resources import trial_resources
 from tune.trainable import run_trial
 
 # Keep Tune's experiment-state snapshot fresh, so a killed driver resumes from its newest checkpoint.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+# Ray's own console output names a TensorBoard folder inside its temporary session directory;
+# fit() prints the experiment's own folder instead, and EpochPrinter one line per epoch.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 class ExperimentError(RuntimeError):
     """An experiment is in a state the command cannot handle; the message says what to run instead."""
-
-
-def experiment_dir(cfg: Config, stage: str) -> Path:
-    return output_root(cfg) / f"{cfg.run.name}-{stage}"
 
 
 class EpochPrinter(Callback):
@@ -50,31 +71,99 @@ class EpochPrinter(Callback):
         )
 
 
+def trial_name(trial: Trial) -> str:
+    """A trial's name and folder: its peak LR, readable (Tune's default rounds 1e-5 to 'lr=0.0000'),
+    and its Tune id, unique for any search algorithm (optuna's 1.2e-4 and 1.4e-4 never collide)."""
+    return f"lr_{trial.config['lr']:.2e}_{trial.trial_id}"
+
+
 def trainable_for(cfg: Config, stage: str):
     return with_resources(with_parameters(run_trial, cfg=cfg, stage=stage), trial_resources(cfg))
 
 
-def experiment_state(path: Path) -> dict[str, str] | None:
-    """Trial id -> status from Tune's experiment snapshot, or None when no experiment is there."""
-    snapshots = sorted(path.glob("experiment_state-*.json"))
-    if not snapshots:
+# ---------------------------------------------------------------------------
+# What is there: Ray's public API, never the snapshot's private layout
+
+
+@dataclass(frozen=True)
+class ExperimentStatus:
+    """A Tune experiment on disk: each trial's status, and Ray's reader for the rest."""
+
+    path: Path
+    analysis: ExperimentAnalysis | None  # None: Tune wrote no snapshot yet (the driver died at start-up)
+
+    @property
+    def trials(self) -> dict[str, str]:
+        """Trial id -> Tune's status (PENDING, RUNNING, PAUSED, TERMINATED, ERROR)."""
+        return {} if self.analysis is None else {t.trial_id: t.status for t in self.analysis.trials}
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.trials) and all(s == Trial.TERMINATED for s in self.trials.values())
+
+    @property
+    def results(self) -> ResultGrid | None:
+        return None if self.analysis is None else ResultGrid(self.analysis)
+
+
+def experiment_status(path: Path) -> ExperimentStatus | None:
+    """None when ``path`` holds no Tune experiment (``Tuner.can_restore``), else its trials' state."""
+    if not Tuner.can_restore(str(path)):
         return None
-    # The snapshot is Tune's own file; reading statuses from it needs no Ray and no trainable.
-    raw = json.loads(snapshots[-1].read_text())
-    out = {}
-    for trial_json, _runtime in raw.get("trial_data", []):
-        t = json.loads(trial_json)
-        out[t.get("trial_id", "?")] = t.get("status", "?")
+    try:
+        analysis = ExperimentAnalysis(str(path))
+    except ValueError:  # Ray's "No experiment snapshot file ... was found": nothing ran yet
+        analysis = None
+    return ExperimentStatus(Path(path), analysis)
+
+
+def dedupe_epochs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch, the last reported kept, sorted: a resumed trial reports the epochs after its
+    checkpoint again, and the later report is the one the surviving weights belong to."""
+    if "epoch" not in df.columns:
+        raise ExperimentError(
+            "the trial's results have no 'epoch' column; was it trained by tune/trainable.py?"
+        )
+    return df.drop_duplicates(subset="epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------
+# The stored config of an experiment
+
+
+NO_RESULT_CHANGE = ("resources", "memory", "run.name", "run.output_root", "data.cache_dir")
+"""Config fields that never change a run's results: where it runs and with what resources, how memory
+is managed, where files go.  Every other field does, and a difference in it refuses a reuse or resume."""
+NOT_READ_BY = {"sweep": ("train", "optim.lr"), "train": ("sweep", "train.use_sweep_lr")}
+"""Fields an experiment does not read: the sweep takes its LRs from sweep.lrs; a training run's stored
+optim.lr is the LR it really used, so where that came from (train.use_sweep_lr) does not matter."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
 
 
-CONFIG_FILE = "redheart_config.json"
-SPLIT_FILE = "split.json"
+def config_differences(
+    stored: Config, current: Config, ignore: tuple[str, ...] = ()
+) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, current value) of every field that differs and changes results."""
+    skip = (*NO_RESULT_CHANGE, *ignore)
+    a, b = _flatten(config_to_dict(stored)), _flatten(config_to_dict(current))
+    return [
+        (key, a.get(key, "<absent>"), b.get(key, "<absent>"))
+        for key in sorted(a.keys() | b.keys())
+        if not any(key == s or key.startswith(f"{s}.") for s in skip) and a.get(key) != b.get(key)
+    ]
 
 
 def save_experiment_config(cfg: Config, path: Path, stage: str) -> None:
-    """The config (for ``resume``) and the data split with every record id (recorded with the run)."""
-    from tune.config import cache_dir
+    """The experiment's one stored config (for reuse and ``resume``) and the data split with every record id."""
     from tune.data import prepare_data
 
     write_json_atomic(path / CONFIG_FILE, {"stage": stage, "config": config_to_dict(cfg)})
@@ -83,7 +172,7 @@ def save_experiment_config(cfg: Config, path: Path, stage: str) -> None:
 
 
 def load_experiment_config(path: Path) -> tuple[Config, str]:
-    """The config and stage an experiment was started with (for ``resume``)."""
+    """The config and stage an experiment was started with."""
     f = Path(path) / CONFIG_FILE
     if not f.is_file():
         raise ExperimentError(f"{f}: not found; {path} is not an experiment started by run.py")
@@ -91,23 +180,32 @@ def load_experiment_config(path: Path) -> tuple[Config, str]:
     return config_from_dict(raw["config"], str(f)), raw["stage"]
 
 
-def is_finished(path: Path) -> bool | None:
-    """True when every trial finished, False when some did not, None when there is no experiment."""
-    state = experiment_state(path)
-    if state is None:
-        return None
-    return bool(state) and all(s == "TERMINATED" for s in state.values())
+def check_same_config(path: Path, cfg: Config, stage: str) -> None:
+    """Refuse to reuse or resume the experiment at ``path`` with a config that would change its results."""
+    stored, stored_stage = load_experiment_config(path)
+    if stored_stage != stage:
+        raise ExperimentError(f"{path} holds a {stored_stage} experiment, not a {stage} experiment")
+    diffs = config_differences(stored, cfg, NOT_READ_BY[stage])
+    if diffs:
+        listed = "; ".join(f"{key}: {old!r} stored, {new!r} now" for key, old, new in diffs)
+        raise ExperimentError(
+            f"{path} was run with another configuration ({listed}). Rerun with the stored values, "
+            f"or choose another run.name for a new run."
+        )
+
+
+# ---------------------------------------------------------------------------
+# Run
 
 
 def fit(cfg: Config, stage: str, *, param_space: dict, tune_config: TuneConfig, epochs: int, resume: bool):
-    """Start a new experiment, or restore ``<output_root>/<name>-<stage>`` when ``resume`` is set."""
+    """Start a new experiment, or restore ``<run dir>/<stage>`` when ``resume`` is set."""
     path = experiment_dir(cfg, stage)
     trainable = trainable_for(cfg, stage)
+    print(f"[{stage}] Tune experiment {path}  (TensorBoard: tensorboard --logdir {path})", flush=True)
     if resume:
-        if not Tuner.can_restore(str(path)):
-            raise ExperimentError(f"{path}: no Tune experiment to resume there")
         tuner = Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        # The restored run keeps its original RunConfig, the epoch printer included.
+        # The restored run keeps its original RunConfig and TuneConfig: the epoch printer, the trial names.
     else:
         run_config = RunConfig(
             name=path.name,
@@ -116,16 +214,19 @@ def fit(cfg: Config, stage: str, *, param_space: dict, tune_config: TuneConfig, 
             callbacks=[EpochPrinter(stage, epochs)],
             verbose=0,
         )
-        tuner = Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        named = dataclasses.replace(
+            tune_config, trial_name_creator=trial_name, trial_dirname_creator=trial_name
+        )
+        tuner = Tuner(trainable, param_space=param_space, tune_config=named, run_config=run_config)
     results = tuner.fit()
     errors = [r for r in results if r.error is not None]
     if errors:
-        lines = "\n".join(
-            f"  - {r.path}: {type(r.error).__name__}: {str(r.error).splitlines()[-1] if str(r.error) else ''}"
+        lines = "; ".join(
+            f"{r.path}: {type(r.error).__name__}: {str(r.error).splitlines()[-1] if str(r.error) else ''}"
             for r in errors
         )
         raise ExperimentError(
-            f"{len(errors)} trial(s) of {path} failed:\n{lines}\n"
+            f"{len(errors)} trial(s) of {path} failed ({lines}). "
             f"Fix the cause, then continue with: python run.py resume {path}"
         )
     return results

@@ -2,8 +2,9 @@
 
 Selection (SPEC §3), lowest wins:
     score = mean(val_loss of the last 3 epochs) + 0.1 * |train_loss[-1] - val_loss[-1]|
-Outputs under <output_root>/lr_sweep/: per-LR JSON and CSV, lr_sweep_all.csv (the
-figure's data) and best_lr.json with every candidate's score.
+Outputs under <run dir>/lr_sweep/: per trial <trial name>.json and .csv (one row per
+epoch) and best_lr.json with every candidate's score.  A finished sweep is reused,
+an unfinished one resumed, either only with the config it was started with.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ from pathlib import Path
 import pandas as pd
 from ray.tune import TuneConfig, grid_search, loguniform
 
-from tune.checkpoints import write_json_atomic
-from tune.config import Config, output_root
-from tune.runner import experiment_dir, experiment_state, fit, save_experiment_config
+from tune.config import Config
+from tune.files import write_json_atomic
+from tune.layout import best_lr_path, experiment_dir, sweep_outputs_dir
+from tune.resources import start_ray
+from tune.runner import (
+    ExperimentError,
+    check_same_config,
+    dedupe_epochs,
+    experiment_status,
+    fit,
+    save_experiment_config,
+)
 from tune.trainable import EPOCH_COLUMNS, selection_score
 
 SWEEP_COLUMNS = EPOCH_COLUMNS
-
-
-def sweep_dir(cfg: Config) -> Path:
-    return output_root(cfg) / "lr_sweep"
-
-
-def best_lr_path(cfg: Config) -> Path:
-    return sweep_dir(cfg) / "best_lr.json"
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,27 @@ class Candidate:
     score: float
     history: pd.DataFrame  # one row per epoch, SWEEP_COLUMNS
     stopped_early: bool = False  # ASHA ended it before sweep.epochs: its score is not comparable
+    trial: str = ""  # Tune's trial name (runner.trial_name), unique: the stem of its files
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    candidates: list[Candidate]  # sorted by LR
+    best: Candidate
+
+    def rows(self) -> pd.DataFrame:
+        """Every candidate's epochs in one table (lr_peak, SWEEP_COLUMNS) with its selection score."""
+        return pd.concat(
+            [c.history.assign(lr_peak=c.lr, selection_score=c.score) for c in self.candidates],
+            ignore_index=True,
+        )
 
 
 def select_lr(candidates: list[Candidate]) -> Candidate:
     """The lowest score wins; a non-finite score (a diverged trial) or one ASHA stopped early never does."""
     finite = [c for c in candidates if math.isfinite(c.score) and not c.stopped_early]
     if not finite:
-        raise RuntimeError("every LR candidate diverged (non-finite scores); lower sweep.lrs")
+        raise ExperimentError("every LR candidate diverged (non-finite scores); lower sweep.lrs")
     return min(finite, key=lambda c: (c.score, c.lr))
 
 
@@ -71,51 +87,51 @@ def _search_setup(cfg: Config) -> tuple[dict, TuneConfig]:
     return space, tc
 
 
-def run_sweep(cfg: Config) -> Candidate:
-    """Run (or finish, or reuse) the sweep experiment, write its outputs, return the chosen candidate."""
+def run_sweep(cfg: Config) -> SweepResult:
+    """Run (or finish, or reuse) the sweep experiment, write its outputs, return every candidate and the best."""
     path = experiment_dir(cfg, "sweep")
-    state = experiment_state(path)
-    resume = state is not None
-    if resume:
-        print(
-            f"[sweep] found {path} ({len(state)} trials); finishing or reusing it rather than starting over"
-        )
-    else:
+    status = experiment_status(path)
+    if status is None:
         save_experiment_config(cfg, path, "sweep")
+    else:
+        check_same_config(path, cfg, "sweep")
+        what = "finished; reusing it" if status.finished else "unfinished; resuming it"
+        print(f"[sweep] {path}: {what}")
+    start_ray(cfg)
     space, tune_config = _search_setup(cfg)
     results = fit(
-        cfg, "sweep", param_space=space, tune_config=tune_config, epochs=cfg.sweep.epochs, resume=resume
+        cfg,
+        "sweep",
+        param_space=space,
+        tune_config=tune_config,
+        epochs=cfg.sweep.epochs,
+        resume=status is not None,
     )
     candidates = []
     for r in results:
-        df = r.metrics_dataframe
-        df = (
-            df.drop_duplicates("epoch", keep="last")
-            .sort_values("epoch")[SWEEP_COLUMNS]
-            .reset_index(drop=True)
-        )
-        lr = float(r.config["lr"])
+        df = dedupe_epochs(r.metrics_dataframe)[SWEEP_COLUMNS]
         score = selection_score(df["train_loss"].tolist(), df["val_loss"].tolist(), cfg.sweep.overfit_weight)
         stopped = len(df) < cfg.sweep.epochs
-        candidates.append(Candidate(lr=lr, score=score, history=df, stopped_early=stopped))
-    candidates.sort(key=lambda c: c.lr)
-    best = select_lr(candidates)
-    write_sweep_outputs(cfg, candidates, best, path)
-    return best
-
-
-def write_sweep_outputs(cfg: Config, candidates: list[Candidate], best: Candidate, experiment: Path) -> None:
-    out = sweep_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    for c in candidates:
-        stem = f"lr_{c.lr:.0e}"
-        c.history.to_csv(out / f"{stem}.csv", index=False)
-        write_json_atomic(
-            out / f"{stem}.json",
-            {"lr": c.lr, "score": c.score, "epochs": c.history.to_dict(orient="records")},
+        candidates.append(
+            Candidate(float(r.config["lr"]), score, df, stopped_early=stopped, trial=Path(r.path).name)
         )
-    rows = pd.concat([c.history.assign(lr_peak=c.lr) for c in candidates], ignore_index=True)
-    rows.to_csv(out / "lr_sweep_all.csv", index=False)
+    candidates.sort(key=lambda c: (c.lr, c.trial))
+    sweep = SweepResult(candidates, select_lr(candidates))
+    write_sweep_outputs(cfg, sweep, path)
+    return sweep
+
+
+def write_sweep_outputs(cfg: Config, sweep: SweepResult, experiment: Path) -> None:
+    """Per trial <trial>.json and <trial>.csv, and best_lr.json; the figure and its CSV are drawn by the caller."""
+    out = sweep_outputs_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for c in sweep.candidates:
+        c.history.to_csv(out / f"{c.trial}.csv", index=False)
+        write_json_atomic(
+            out / f"{c.trial}.json",
+            {"lr": c.lr, "trial": c.trial, "score": c.score, "epochs": c.history.to_dict(orient="records")},
+        )
+    best = sweep.best
     write_json_atomic(
         best_lr_path(cfg),
         {
@@ -128,6 +144,7 @@ def write_sweep_outputs(cfg: Config, candidates: list[Candidate], best: Candidat
             "candidates": [
                 {
                     "lr": c.lr,
+                    "trial": c.trial,
                     "score": c.score,
                     "epochs_run": len(c.history),
                     "stopped_early": c.stopped_early,
@@ -135,7 +152,7 @@ def write_sweep_outputs(cfg: Config, candidates: list[Candidate], best: Candidat
                     "final_val_loss": float(c.history["val_loss"].iloc[-1]),
                     "final_val_acc": float(c.history["val_acc"].iloc[-1]),
                 }
-                for c in candidates
+                for c in sweep.candidates
             ],
         },
     )

@@ -1,7 +1,13 @@
-"""Phase 2: the main training as one long Tune trial, a checkpoint every 2 epochs, all kept, resumable."""
+"""Phase 2: the main training as one long Tune trial, a checkpoint every 2 epochs, all kept, resumable.
+
+The peak LR comes from the command line (``optim.lr=``), from a sweep the user names
+(``--lr-from``), or from this run's own sweep; ``with_lr`` puts it into the config,
+so the experiment's stored config says which LR it really used.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from datetime import datetime, timezone
@@ -11,23 +17,82 @@ import ray
 import torch
 from ray.tune import TuneConfig
 
-from tune.checkpoints import write_json_atomic
-from tune.config import Config, config_to_dict
-from tune.runner import ExperimentError, experiment_dir, fit, is_finished, save_experiment_config
-from tune.sweep import best_lr_path
+from tune.config import Config
+from tune.files import write_json_atomic
+from tune.layout import BEST_LR_FILE, best_lr_path, experiment_dir, sweep_outputs_dir
+from tune.resources import start_ray
+from tune.runner import (
+    ExperimentError,
+    check_same_config,
+    config_differences,
+    experiment_status,
+    fit,
+    load_experiment_config,
+    save_experiment_config,
+)
+
+SWEEP_SETTINGS = ("sweep", "train", "optim.lr", "run.seed")
+"""Fields a sweep's LR does not depend on: the sweep's own search, the training's length, the LR itself
+and the seed.  Any other difference between a sweep and a training run makes its LR meaningless there."""
 
 
-def choose_lr(cfg: Config, *, lr_from_command_line: bool) -> tuple[float, str]:
-    """The LR and where it came from: the command line, else the sweep's best_lr.json, else the config."""
-    if lr_from_command_line:
+def with_lr(cfg: Config, lr: float) -> Config:
+    """``cfg`` with ``optim.lr`` set to the peak LR the training really uses."""
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=float(lr)))
+
+
+def read_best_lr(path: Path) -> tuple[float, dict]:
+    """best_lr.json at ``path`` (a file, a run directory, or its lr_sweep folder): the LR and the whole record."""
+    path = Path(path)
+    for candidate in (path, path / BEST_LR_FILE, path / "lr_sweep" / BEST_LR_FILE):
+        if candidate.is_file():
+            record = json.loads(candidate.read_text())
+            return float(record["best_lr"]), record
+    raise ExperimentError(
+        f"{path}: no {BEST_LR_FILE} there (pass the file, or the run directory holding lr_sweep/)"
+    )
+
+
+def _sweep_differences(cfg: Config, record: dict) -> list[tuple]:
+    """Fields that differ between the sweep behind ``record`` and ``cfg``, when that sweep is still there."""
+    sweep_dir = Path(record["experiment"])
+    if not sweep_dir.is_dir():
+        return []
+    stored, _ = load_experiment_config(sweep_dir)
+    return config_differences(stored, cfg, SWEEP_SETTINGS)
+
+
+def choose_lr(cfg: Config, *, explicit_lr: bool, lr_from: Path | None = None) -> tuple[float, str]:
+    """The peak LR and where it came from.
+
+    explicit_lr: ``optim.lr=`` was given on the command line; lr_from: ``--lr-from PATH``.
+    Without either, the LR is this run's own sweep result (``train.use_sweep_lr``),
+    refused when that sweep ran a different model or data; else the config's optim.lr.
+    """
+    if explicit_lr and lr_from is not None:
+        raise ExperimentError("give either optim.lr=... or --lr-from, not both")
+    if explicit_lr:
         return cfg.optim.lr, "command line (optim.lr)"
-    path = best_lr_path(cfg)
-    if cfg.train.use_sweep_lr and path.is_file():
-        return float(json.loads(path.read_text())["best_lr"]), str(path)
-    return cfg.optim.lr, "config (optim.lr; no sweep result found)"
+    if lr_from is not None:
+        lr, record = read_best_lr(lr_from)
+        for key, theirs, ours in _sweep_differences(cfg, record):
+            print(f"[train] note: the sweep in {lr_from} ran with {key}={theirs!r}; this run has {ours!r}")
+        return lr, f"--lr-from {lr_from}"
+    own = best_lr_path(cfg)
+    if not (cfg.train.use_sweep_lr and own.is_file()):
+        return cfg.optim.lr, f"config (optim.lr; no sweep result in {sweep_outputs_dir(cfg)})"
+    lr, record = read_best_lr(own)
+    diffs = _sweep_differences(cfg, record)
+    if diffs:
+        listed = "; ".join(f"{key}: {theirs!r} in the sweep, {ours!r} now" for key, theirs, ours in diffs)
+        raise ExperimentError(
+            f"this run's sweep ({record['experiment']}) was made with another configuration ({listed}); "
+            f"its LR does not apply. Give optim.lr=..., or choose another run.name."
+        )
+    return lr, str(own)
 
 
-def session_info(cfg: Config, lr: float, lr_source: str) -> dict:
+def session_info(cfg: Config, lr_source: str) -> dict:
     gpu = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -40,40 +105,42 @@ def session_info(cfg: Config, lr: float, lr_source: str) -> dict:
         "max_samples": cfg.data.max_samples,
         "gpu": gpu,
         "ray_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
-        "lr": lr,
+        "lr": cfg.optim.lr,
         "lr_source": lr_source,
         "epochs": cfg.train.epochs,
-        "config": config_to_dict(cfg),
     }
 
 
-def run_train(cfg: Config, *, lr_from_command_line: bool = False, resume: bool = False):
-    """Run the training experiment (or resume it); returns Tune's ResultGrid."""
+def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfinished: bool = False):
+    """Run the training experiment with peak LR ``cfg.optim.lr`` (see ``choose_lr`` and ``with_lr``).
+
+    A finished experiment is reused and an unfinished one resumed when ``resume_unfinished``
+    (else refused with the resume command), in both cases only with the config it was
+    started with.  Returns Tune's ResultGrid.
+    """
     path = experiment_dir(cfg, "train")
-    finished = is_finished(path)
-    if not resume and finished is False:
-        raise ExperimentError(
-            f"{path} holds an unfinished training run. Continue it with:\n    python run.py resume {path}\n"
-            f"or choose another run.name / run.output_root to start a new one."
-        )
-    if finished and not resume:
-        print(f"[train] {path} already finished; reusing it (choose another run.name to train again)")
-        resume = True  # restoring a finished experiment returns its results without training
-    path.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        lr, source = choose_lr(cfg, lr_from_command_line=lr_from_command_line)
-        print(f"[train] peak LR {lr:.2e} from {source}")
+    status = experiment_status(path)
+    if status is not None:
+        check_same_config(path, cfg, "train")
+        if not (status.finished or resume_unfinished):
+            raise ExperimentError(
+                f"{path} holds an unfinished training run. Continue it with: python run.py resume {path} "
+                f"(or choose another run.name to start a new one)"
+            )
+        what = "finished; reusing it" if status.finished else "unfinished; resuming it"
+        print(f"[train] {path}: {what} (peak LR {cfg.optim.lr:.2e})")
+    start_ray(cfg)
+    if status is None:
+        print(f"[train] peak LR {cfg.optim.lr:.2e} from {lr_source}")
         save_experiment_config(cfg, path, "train")
-        write_json_atomic(path / "session_info.json", session_info(cfg, lr, source))
-    else:
-        lr = float(json.loads((path / "session_info.json").read_text())["lr"])
+        write_json_atomic(path / "session_info.json", session_info(cfg, lr_source))
     results = fit(
         cfg,
         "train",
-        param_space={"lr": lr},
+        param_space={"lr": cfg.optim.lr},
         tune_config=TuneConfig(num_samples=1, max_concurrent_trials=1),
         epochs=cfg.train.epochs,
-        resume=resume,
+        resume=status is not None,
     )
     result = results[0]
     checkpoints = sorted(Path(c.path).name for c, _ in result.best_checkpoints)

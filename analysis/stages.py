@@ -1,0 +1,178 @@
+"""The pipeline's stages as the command line runs them: each prepares what it needs, runs, prints, writes.
+
+run.py parses the arguments and calls one of these; every output goes under the
+run's own directory (``tune.layout``).
+
+    sweep_stage(cfg)                              phase 1 and its figure
+    train_stage(cfg, lr_source)                   phase 2 at cfg.optim.lr (tune.train.choose_lr picks it)
+    resume_stage(path)                            continue an interrupted sweep or training experiment
+    analyze_stage(cfg), crossover_stage(cfg), report_stage(cfg)
+    all_stages(cfg, seeds=..., explicit_lr=...)   every stage, for one seed or several
+
+``USER_ERRORS`` are the errors a user can cause (config, data, experiment state,
+checkpoints, selection, evaluation): run.py prints them as one message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.crossover import CrossoverError
+from analysis.evaluate import EvaluationError
+from analysis.experiment import ExperimentReadError, load_training_run
+from analysis.figures import learning_curves_figure, lr_sweep_figure
+from analysis.pipeline import (
+    RESULTS_FILE,
+    SWEET_SPOTS_FILE,
+    analyze,
+    crossover,
+    evaluate_all,
+    summarize_seeds,
+)
+from analysis.sweet_spots import SweetSpotError
+from tune.checkpoints import CheckpointError
+from tune.config import Config, ConfigError, cache_dir
+from tune.data import DataError, prepare_data
+from tune.layout import analysis_dir, best_lr_path, experiment_dir, final_dir, sweep_outputs_dir
+from tune.runner import ExperimentError, load_experiment_config
+from tune.sweep import SweepResult, run_sweep
+from tune.train import run_train, with_lr
+
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ExperimentError,
+    ExperimentReadError,
+    CheckpointError,
+    CrossoverError,
+    SweetSpotError,
+    EvaluationError,
+)
+
+
+def _prepare(cfg: Config) -> None:
+    """Fetch, validate and encode the data in the driver, with a progress bar, before any trial starts."""
+    data = prepare_data(cfg.data, cache_dir(cfg), show_progress=True)
+    print(f"[data] {data.summary()}")
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def sweep_stage(cfg: Config) -> SweepResult:
+    """Run (or finish, or reuse) the sweep, draw its figure, print every candidate's score."""
+    _prepare(cfg)
+    sweep = run_sweep(cfg)
+    fig = lr_sweep_figure(sweep.rows(), sweep.best.lr, sweep_outputs_dir(cfg) / "lr_sweep.png")
+    print("[sweep] scores (lower is better):")
+    for c in sweep.candidates:
+        mark = "  <- chosen" if c is sweep.best else ""
+        final_acc = c.history["val_acc"].iloc[-1]
+        print(f"    lr {c.lr:.2e}: score {c.score:.4f}  final val acc {final_acc:.3f}  ({c.trial}){mark}")
+    print(f"[sweep] chosen LR: {sweep.best.lr:.2e}  -> {best_lr_path(cfg)}\n[sweep] figure: {fig}")
+    return sweep
+
+
+def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False) -> None:
+    """Train (or reuse, or resume) at ``cfg.optim.lr``, then draw the learning curves."""
+    _prepare(cfg)
+    results = run_train(cfg, lr_source, resume_unfinished=resume_unfinished)
+    run = load_training_run(experiment_dir(cfg, "train"), hashes=False)
+    fig = learning_curves_figure(run.epochs, analysis_dir(cfg) / "learning_curves.png", list(run.complete))
+    print(
+        f"[train] finished: {results[0].path}\n[train] {len(run.complete)} checkpoints; learning curves: {fig}"
+    )
+
+
+def resume_stage(path: Path) -> None:
+    """Continue the sweep or training experiment at ``path`` with the config it was started with."""
+    path = Path(path).expanduser().resolve()
+    cfg, stage = load_experiment_config(path)
+    # Wherever the run directory is now, it is <output_root>/<run.name>/<stage>.
+    run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
+    cfg = dataclasses.replace(cfg, run=run)
+    print(f"[resume] {stage} experiment {path}")
+    if stage == "sweep":
+        sweep_stage(cfg)
+    else:
+        train_stage(cfg, "the experiment's stored config", resume_unfinished=True)
+
+
+def analyze_stage(cfg: Config) -> None:
+    out = analysis_dir(cfg)
+    report = analyze(experiment_dir(cfg, "train"), out)
+    print("[analyze] sweet spots (epoch per group / independent module):")
+    for unit, epoch in report["sweet_spots"].items():
+        print(f"    {unit:<18} epoch {epoch}")
+    for skipped in report["skipped_checkpoints"]:
+        print(f"[analyze] skipped {skipped['path']}: {skipped['problem']}")
+    print(f"[analyze] {out / SWEET_SPOTS_FILE}; figures: {', '.join(report['figures'])}")
+
+
+def crossover_stage(cfg: Config) -> None:
+    summary = crossover(experiment_dir(cfg, "train"), final_dir(cfg))
+    print(f"[crossover] sweet spots {summary['sweet_spots']}")
+    for delta, spots in summary["variants"].items():
+        print(f"[crossover] variant {int(delta):+d}: {spots}")
+    print(f"[crossover] weights: {summary['weights']}")
+
+
+def _evaluate(cfg: Config) -> Path:
+    """Test-split evaluation of every method of this run; prints the table, returns results.csv."""
+    results = evaluate_all(experiment_dir(cfg, "train"), analysis_dir(cfg), seed=cfg.run.seed)
+    cols = [c for c in results.columns if c.endswith(("_accuracy", "_mae")) or c == "fused_loss"]
+    print(f"[report] {cfg.run.name}: test split (selection used validation only):")
+    print(_table(results[["method", "seed", *cols]]))
+    return analysis_dir(cfg) / RESULTS_FILE
+
+
+def report_stage(cfg: Config) -> None:
+    results = _evaluate(cfg)
+    summary = summarize_seeds([results], analysis_dir(cfg))
+    print(f"[report] {results}; figure: {summary['figure']}")
+
+
+def seed_run(cfg: Config, seed: int) -> Config:
+    """The run of another seed: its own name, so its outputs never mix with the base run's."""
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, seed=seed, name=f"{cfg.run.name}-seed{seed}")
+    )
+
+
+def all_stages(cfg: Config, *, seeds: int = 1, explicit_lr: bool = False) -> None:
+    """sweep -> train -> analyze -> crossover -> report, for ``seeds`` seeds; finished stages are reused,
+    an interrupted one resumed.  The first seed is ``cfg``'s run; seed k is run ``<name>-seed<seed>``, trained
+    at the same LR (the sweep runs once).  ``explicit_lr``: optim.lr was given, so there is no sweep."""
+    if explicit_lr:
+        lr, source = cfg.optim.lr, "command line (optim.lr)"
+        print(f"[all] optim.lr={lr:g} given on the command line: no LR sweep")
+    else:
+        lr, source = sweep_stage(cfg).best.lr, str(best_lr_path(cfg))
+    result_files = []
+    for k in range(seeds):
+        run = with_lr(cfg if k == 0 else seed_run(cfg, cfg.run.seed + k), lr)
+        train_stage(run, source, resume_unfinished=True)
+        analyze_stage(run)
+        crossover_stage(run)
+        result_files.append(_evaluate(run))
+    out = analysis_dir(cfg) if seeds == 1 else analysis_dir(cfg) / "seeds"
+    summary = summarize_seeds(result_files, out)
+    print(f"[all] mean ± std over {seeds} seed(s):\n{_table(summary['summary'])}")
+    if seeds > 1:
+        print(
+            f"[all] paired difference against the best single checkpoint:\n{_table(summary['paired_differences'])}"
+        )
+    print(f"[all] tables in {out}; figure: {summary['figure']}")
+
+
+BY_NAME = {
+    "sweep": sweep_stage,
+    "analyze": analyze_stage,
+    "crossover": crossover_stage,
+    "report": report_stage,
+}
+"""The stages that take only a config, by their command name."""
