@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a training box
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -22,20 +23,48 @@ def _save(fig, path: Path, data: pd.DataFrame) -> Path:
 
 
 def lr_sweep_figure(rows: pd.DataFrame, best_lr: float, path: Path) -> Path:
-    """Figure 1: train (dashed) and validation (solid) loss per epoch for each candidate LR."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    """Figure 1: loss and accuracy per epoch for each candidate LR, and the selection score per LR.
+
+    ``rows`` is ``SweepResult.rows()``: one row per trial and epoch with ``lr_peak``,
+    ``epoch``, ``train_loss``, ``val_loss``, ``val_acc`` and the trial's
+    ``selection_score``; the PNG's CSV (``lr_sweep.csv``) is this table.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    scores = rows.groupby("lr_peak")["selection_score"].first()
     for i, (lr, df) in enumerate(rows.groupby("lr_peak")):
-        color = f"C{i}"
-        label = f"lr {lr:.0e}" + ("  (chosen)" if lr == best_lr else "")
-        width = 2.5 if lr == best_lr else 1.2
+        color, chosen = f"C{i}", lr == best_lr
+        score = scores[lr]
+        label = f"lr {lr:.1e}  score {score:.4f}" if np.isfinite(score) else f"lr {lr:.1e}  diverged"
+        label += "  (chosen)" if chosen else ""
+        width = 2.5 if chosen else 1.2
         axes[0].plot(df["epoch"], df["val_loss"], color=color, lw=width, marker="o", label=label)
         axes[0].plot(df["epoch"], df["train_loss"], color=color, lw=1, ls="--")
         axes[1].plot(df["epoch"], df["val_acc"], color=color, lw=width, marker="o", label=label)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="LR sweep: val (solid), train (dashed)")
-    axes[1].set(xlabel="epoch", ylabel="emotion accuracy (val)", title="LR sweep: validation accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    styles = [Line2D([], [], color="k", lw=1.5), Line2D([], [], color="k", lw=1, ls="--")]
+    axes[0].legend(handles + styles, labels + ["validation (solid)", "training (dashed)"], fontsize=7)
+    axes[0].set(xlabel="epoch", ylabel="loss (weighted mean of the module losses)", title="LR sweep: loss")
+    axes[1].set(xlabel="epoch", ylabel="emotion accuracy, validation", title="LR sweep: validation accuracy")
+    axes[1].legend(fontsize=7)
+    finite = scores[np.isfinite(scores)]
+    axes[2].plot(finite.index, finite.to_numpy(), color="0.4", marker="o")
+    if best_lr in finite.index:
+        axes[2].scatter(
+            [best_lr], [finite[best_lr]], s=120, facecolors="none", edgecolors="C3", lw=2, zorder=3
+        )
+    axes[2].set_xscale("log")
+    axes[2].set(
+        xlabel="peak learning rate",
+        ylabel="mean val loss (last 3) + w·|train − val| (last)",
+        title="Selection score per LR (lower wins; circled: chosen)",
+    )
+    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     return _save(fig, path, rows)
 
 
