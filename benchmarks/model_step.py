@@ -15,19 +15,11 @@ import time
 
 import torch
 
+from benchmarks.synthetic import TASKS
 from model.family import build_model, param_counts
 from model.losses import module_losses, total_loss
 from model.presets import ModelConfig
-from model.tasks import TaskSpec
 
-TASKS = {
-    "emotion": TaskSpec(
-        "emotion", "soft_classification", ("Joy", "Trust", "Fear", "Surprise", "Sadness", "Disgust", "Anger")
-    ),
-    "bentham": TaskSpec("bentham", "regression", ("intensity", "duration", "certainty", "propinquity")),
-    "regret": TaskSpec("regret", "regression", ("regret_factor",)),
-    "surd": TaskSpec("surd", "regression", ("selection", "uncertainty", "risk", "decision")),
-}
 TASK_WEIGHTS = dict.fromkeys(TASKS, 1.0)
 
 

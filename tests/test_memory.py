@@ -24,7 +24,7 @@ from tune.memory import (
     train_step,
 )
 from tune.memory.dsm import Candidate, swap_out_count
-from tune.memory.plan import shard_partition
+from tune.memory.plan import moment_window_bytes, shard_partition
 from tune.resources import trial_device
 
 
@@ -78,6 +78,9 @@ def test_resident_strategy_that_does_not_fit_is_refused():
 def test_shards_never_split_a_tensor():
     assert shard_partition([4, 4, 4, 100, 1], shard_bytes=8 * 8) == [[0, 1], [2], [3], [4]]
     assert shard_partition([1, 2, 3], shard_bytes=10**9) == [[0, 1, 2]]
+    # on the device at once: the shard stepping and the next one arriving
+    assert moment_window_bytes([4, 4, 4, 100, 1], shard_bytes=8 * 8) == 8 * (4 + 100)
+    assert moment_window_bytes([1, 2, 3], shard_bytes=10**9) == 8 * 6
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from tune.loop import (
     validate_state,
     weight_stats,
 )
-from tune.memory import GiB, configure_allocator, format_plan, trial_budget
+from tune.memory import GiB, configure_allocator, format_plan, out_of_memory, trial_budget
 from tune.resources import describe_device, trial_device, trial_threads
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,14 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
             log.warning("lr %.1e diverged: %s", lr, exc)
             report(diverged_row(epoch, lr, str(exc)))
             return
-        val = validate_state(state, data, collect_activations=save)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc, state.placement.plan, budget, f"in epoch {epoch}") from exc
+        try:
+            val = validate_state(state, data, collect_activations=save)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(
+                exc, state.placement.plan, budget, "in validation (optim.eval_batch_size)"
+            ) from exc
         lr_log += [{"epoch": epoch, "step_in_epoch": i + 1, "lr": v} for i, v in enumerate(tr.lrs)]
         moves += tr.memory_moves
         trace += tr.memory_trace

@@ -17,7 +17,15 @@ import torch
 from model.family import build_model
 from model.tasks import TaskSpec
 from tune.config import Config
-from tune.memory.budget import Budget, configure_allocator, cpu_budget, cuda_budget, planning_budget
+from tune.memory.budget import (
+    Budget,
+    MemoryBudgetError,
+    configure_allocator,
+    cpu_budget,
+    cuda_budget,
+    out_of_memory,
+    planning_budget,
+)
 from tune.memory.dsm import SwapManager
 from tune.memory.placement import Placement
 from tune.memory.plan import (
@@ -47,6 +55,7 @@ __all__ = [
     "Budget",
     "EvalMover",
     "GiB",
+    "MemoryBudgetError",
     "MemoryPlan",
     "NonFiniteLossError",
     "Placement",
@@ -60,6 +69,7 @@ __all__ = [
     "cuda_budget",
     "format_plan",
     "loss_weights",
+    "out_of_memory",
     "plan_for",
     "planning_budget",
     "predict_outputs",

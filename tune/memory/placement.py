@@ -236,8 +236,19 @@ class Placement:
         self._reset_peak()
 
     def end_step(self) -> None:
-        """Every unit has had its turn: the swap manager may bring a unit back, judging by the whole step."""
-        if self.dsm is None or not self.managed or not self.dsm.swapped:
+        """Every unit has had its turn: the swap manager judges the whole step.
+
+        A resident-shape step (micro-batches outer) holds every unit's gradients
+        until the last unit has stepped, so nothing can move before now: its
+        swap-outs are decided here, on the step's peak.  A unit is brought back
+        only after a whole step of the placement it was swapped out of.
+        """
+        if self.dsm is None or not self.managed:
+            return
+        if not self.streaming:
+            self._run_dsm(self._step_peak)
+            return
+        if not self.dsm.swapped:
             return
         swapped = {n: Candidate(n, self.slots[n].priority, self._unit_bytes(n)) for n in self.dsm.swapped}
         back = self.dsm.to_bring_back(self._step_peak / self.dsm.budget_bytes, swapped)
@@ -394,7 +405,7 @@ class Placement:
         if not slot.resident:
             self._send_out(slot, moments=slot.moments_mode == "with_unit", action="stream_out")
         self.trace.append({"epoch": self.epoch, "step": self.step, "unit": unit, "peak_bytes": use})
-        if self.dsm is not None:
+        if self.dsm is not None and self.streaming:
             self._run_dsm(use)
         self._reset_peak()
 

@@ -19,7 +19,7 @@ Peak of a turn (allocator bytes), with R the resident units:
     + the unit's gradients, casts and activations
     + for a streamed unit: its weights, and its moments either whole ("with_unit")
       or, where that does not fit, shard by shard through the optimizer step
-      ("sharded": two shard buffers, double-buffered, and never beside the activations)
+      ("sharded": the shard stepping and the next one arriving, never beside the activations)
     + the next streamed unit's bytes when they are prefetched during this turn.
 
 The planner keeps units resident by descending swap priority (first fit: a unit
@@ -92,8 +92,11 @@ def shard_partition(numels: Sequence[int], shard_bytes: int) -> list[list[int]]:
     return shards
 
 
-def largest_shard_bytes(numels: Sequence[int], shard_bytes: int) -> int:
-    return max(MOMENT_BYTES * sum(numels[i] for i in s) for s in shard_partition(numels, shard_bytes))
+def moment_window_bytes(numels: Sequence[int], shard_bytes: int) -> int:
+    """Moment bytes on the device at once when a unit's moments pass through its step in shards:
+    one shard stepping and the next one arriving (the largest such pair; one shard alone if only one)."""
+    shards = [MOMENT_BYTES * sum(numels[i] for i in s) for s in shard_partition(numels, shard_bytes)]
+    return max([a + b for a, b in zip(shards, shards[1:], strict=False)] or shards)
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,7 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
             return grads + compute
         if moments == "with_unit":
             return s.weights + s.moments + grads + compute
-        return s.weights + grads + max(compute, 2 * largest_shard_bytes(s.param_numels, shard_bytes))
+        return s.weights + grads + max(compute, moment_window_bytes(s.param_numels, shard_bytes))
 
     modes: dict[str, str] = {}
     for s in order:
