@@ -178,33 +178,33 @@ def memory_figure(epochs: pd.DataFrame, path: Path, details: dict[int, dict] | N
 
 
 def _dsm_figure(records: list[dict], path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     trace = pd.DataFrame([t for r in records for t in r["trace"]])
     moves = pd.DataFrame([m for r in records for m in r["moves"]])
     budget, target = records[-1]["budget_bytes"], records[-1]["target"]
     steps = trace.groupby(["epoch", "step"], as_index=False)["peak_bytes"].max()
     steps["global_step"] = range(1, len(steps) + 1)
-    if len(moves):
-        moved = (
-            moves.groupby(["epoch", "step"], as_index=False)["bytes"]
-            .sum()
-            .rename(columns={"bytes": "moved_bytes"})
-        )
+    # Training moves per step; a validation pass's weights-only visits (eval_in) are not a step's traffic.
+    training = moves[~moves["action"].str.startswith("eval")] if len(moves) else moves
+    if len(training):
+        moved = training.groupby(["epoch", "step"])["bytes"].sum().rename("moved_bytes")
         steps = steps.merge(moved, on=["epoch", "step"], how="left")
     else:
         steps["moved_bytes"] = 0
     steps["moved_bytes"] = steps["moved_bytes"].fillna(0)
-    unit = (2**30, "GiB") if budget >= 2**30 else (2**20, "MiB")
+    unit, name = (2**30, "GiB") if budget >= 2**30 else (2**20, "MiB")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(3, 1.4))
-    top.plot(steps["global_step"], steps["peak_bytes"] / unit[0], lw=1, label="peak use per step")
-    top.axhline(budget / unit[0], color="k", lw=1.2, label="budget")
-    top.axhline(target * budget / unit[0], color="k", ls="--", lw=1, label=f"target ({target:g})")
-    events = steps[["epoch", "step", "global_step", "peak_bytes"]]
+    top.plot(steps["global_step"], steps["peak_bytes"] / unit, lw=1, label="peak use of each optimizer step")
+    top.axhline(budget / unit, color="k", lw=1.2, label="budget")
+    top.axhline(target * budget / unit, color="k", ls="--", lw=1, label=f"target ({target:g} x budget)")
     for action, marker, color in (("swap_out", "v", "C3"), ("swap_in", "^", "C2")):
-        hits = moves[moves["action"] == action].merge(events, on=["epoch", "step"]) if len(moves) else moves
+        hits = moves[moves["action"] == action] if len(moves) else moves
+        hits = hits.merge(steps[["epoch", "step", "global_step", "peak_bytes"]], on=["epoch", "step"])
         if len(hits):
             top.scatter(
                 hits["global_step"],
-                hits["peak_bytes"] / unit[0],
+                hits["peak_bytes"] / unit,
                 marker=marker,
                 color=color,
                 s=40,
@@ -212,12 +212,17 @@ def _dsm_figure(records: list[dict], path: Path) -> Path:
                 label=action,
             )
             steps[action] = (
-                steps["global_step"].map(hits.groupby("global_step")["module"].apply(" ".join)).fillna("")
+                steps["global_step"].map(hits.groupby("global_step")["module"].agg(" ".join)).fillna("")
             )
-    top.set(ylabel=f"memory ({unit[1]})", title="DSM efficiency: memory use and the swap pattern")
+    top.set_ylim(0, 1.08 * max(budget, steps["peak_bytes"].max()) / unit)
+    top.set(ylabel=f"memory ({name})", title="DSM efficiency: memory use and the swap pattern")
     top.grid(alpha=0.3)
     top.legend(fontsize=8, loc="lower right")
-    bottom.plot(steps["global_step"], steps["moved_bytes"] / unit[0], color="C1", lw=1)
-    bottom.set(xlabel="optimizer step", ylabel=f"moved ({unit[1]})")
+    bottom.plot(steps["global_step"], steps["moved_bytes"] / unit, color="C1", lw=1)
+    bottom.set_ylim(bottom=0)
+    bottom.set(
+        xlabel="optimizer step", ylabel=f"moved ({name})", title="bytes moved between CPU and GPU per step"
+    )
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.grid(alpha=0.3)
     return _save(fig, path, steps)
