@@ -10,7 +10,6 @@ An error a user can cause prints one message (--debug: with its traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -79,13 +78,9 @@ def cmd_status(ns):
 
 
 def cmd_params(ns):
-    from model.report import format_params_report, params_report
-    from tune.data import task_specs
-    from tune.data.encoding import ENCODER_DIMS
+    from tune.memory import params_text
 
-    cfg = load(ns)
-    report = params_report(cfg.model, task_specs(cfg.data.source), input_dim=ENCODER_DIMS[cfg.data.encoder])
-    print(json.dumps(report, indent=2) if ns.json else format_params_report(report))
+    print(params_text(load(ns), as_json=ns.json))
 
 
 def build_parser() -> Parser:

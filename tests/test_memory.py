@@ -61,6 +61,20 @@ def test_730m_plan_fits_8_gib_with_backbone_and_heads_resident():
     assert "moved per optimizer step" in text and "group_b" in text and "resident: group_a" in text
 
 
+def test_params_prints_the_plan(tmp_path):
+    import json
+
+    from tests.test_cli import run_py
+
+    done = run_py("params", str(REPO / "configs" / "redheart-730m.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert "memory plan: strategy stream" in done.stdout and "resident: group_a" in done.stdout
+    assert "moved per optimizer step" in done.stdout
+    done = run_py("params", "--json", str(REPO / "configs" / "redheart-730m.yaml"), "memory.gpu_budget_gb=3")
+    plan = json.loads(done.stdout)["memory_plan"]
+    assert plan["fits"] is False and "optim.batch_size=2" in plan["error"]
+
+
 def test_plan_refuses_what_cannot_fit_with_the_numbers_and_advice():
     cfg = load_config(REPO / "configs" / "redheart-730m.yaml", ["memory.gpu_budget_gb=3"])
     with pytest.raises(PlanError) as err:

@@ -12,6 +12,9 @@ depend on the strategy.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
 
 from model.family import build_model
@@ -69,6 +72,8 @@ __all__ = [
     "cuda_budget",
     "format_plan",
     "loss_weights",
+    "memory_report",
+    "params_text",
     "out_of_memory",
     "plan_for",
     "planning_budget",
@@ -123,3 +128,42 @@ def plan_for(
     )
     plan = make_plan(sizes, settings)
     return plan, sizes
+
+
+def memory_report(cfg: Config, tasks: dict[str, TaskSpec], input_dim: int) -> dict:
+    """The plan for ``cfg`` on a GPU with its ``memory.gpu_budget_gb`` (what ``run.py params`` prints),
+    JSON-ready, with the table as ``text``; a plan that cannot fit gives its PlanError's message."""
+    budget = planning_budget(cfg.memory)
+    try:
+        plan, _ = plan_for(cfg, tasks, input_dim, device="cuda", budget=budget)
+    except PlanError as exc:
+        return {"fits": False, "error": str(exc), "text": str(exc)}
+    return {
+        "fits": True,
+        "strategy": plan.strategy,
+        "budget_bytes": plan.budget_bytes,
+        "target": plan.target,
+        "context_bytes": plan.context_bytes,
+        "peak_bytes": plan.peak_bytes,
+        "resident_peak_bytes": plan.resident_peak,
+        "transfer_bytes_per_step": plan.transfer_bytes_per_step,
+        "resident": list(plan.resident),
+        "streamed": list(plan.streamed),
+        "units": [dataclasses.asdict(u) for u in plan.units],
+        "text": format_plan(plan),
+    }
+
+
+def params_text(cfg: Config, *, as_json: bool = False) -> str:
+    """``run.py params``: parameters per module and group, the memory estimate, and the plan for the
+    config's GPU budget (as a table, or all of it as JSON)."""
+    from model.report import format_params_report, params_report
+    from tune.data import task_specs
+    from tune.data.encoding import ENCODER_DIMS
+
+    tasks, width = task_specs(cfg.data.source), ENCODER_DIMS[cfg.data.encoder]
+    report = params_report(cfg.model, tasks, input_dim=width)
+    plan = memory_report(cfg, tasks, width)
+    if as_json:
+        return json.dumps({**report, "memory_plan": plan}, indent=2)
+    return format_params_report(report) + "\n\n" + plan["text"]

@@ -217,11 +217,11 @@ class Placement:
                 total += MOMENT_BYTES * slot.numel
         return total
 
-    def note(self) -> int:
-        """Update the running peak with the current accounted bytes; returns them."""
-        now = self.accounted()
-        self._peak = max(self._peak, now)
-        return now
+    def note(self) -> None:
+        """Update the running peak of the accounted bytes (a CPU-only trial's measure of use; a GPU's
+        allocator keeps its own peak, so there this costs nothing)."""
+        if self.device.type != "cuda":
+            self._peak = max(self._peak, self.accounted())
 
     def use_bytes(self) -> int:
         """Measured use for the swap manager and the trace: the allocator (CUDA) or the accounted bytes."""
@@ -271,7 +271,8 @@ class Placement:
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._peak = self.accounted()
+        else:
+            self._peak = self.accounted()
 
     def _memory_now(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.accounted()
