@@ -21,8 +21,9 @@ from analysis import analyze, crossover, evaluate_all, load_training_run, select
 from analysis.crossover import build_crossover
 from analysis.evaluate import METHODS, EvalSettings, EvaluationError
 from analysis.experiment import IncompleteCheckpointWarning
-from tune.checkpoints import write_json_atomic
 from tune.config import Config, config_to_dict
+from tune.files import write_json_atomic
+from tune.layout import CONFIG_FILE
 
 # Epochs as reported: the run "resumed" after epoch 4 from its epoch-2 checkpoint, so 3 and 4 come twice.
 SCHEDULE = (1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
@@ -82,7 +83,7 @@ def experiment(tmp_path_factory, ray_session):
         cloudpickle.unregister_pickle_by_value(sup)
     assert result.error is None, result.error
     path = root / "fake-train"
-    write_json_atomic(path / "redheart_config.json", {"stage": "train", "config": config_to_dict(Config())})
+    write_json_atomic(path / CONFIG_FILE, {"stage": "train", "config": config_to_dict(Config())})
     # Truncate one checkpoint's weights after the fact: the analysis must name it and skip it.
     ckpts = {
         json.loads((d / "meta.json").read_text())["epoch"]: d for d in Path(result.path).glob("checkpoint_*")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,9 +143,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     _kill_group(proc.pid)
     assert 6 not in checkpoints_of(exp), "the run finished before it was killed; the test proves nothing"
 
-    # A plain `train` refuses to start over and says how to resume.
+    # A plain `train` refuses to start over and says how to resume; so does `status`.
     out, _ = _run(["train"], cut_root, data_cache).communicate(timeout=300)
     assert "python run.py resume" in out
+    status = _finish(_run(["status"], cut_root, data_cache), timeout=120)
+    # The driver died soon after checkpoint 4; Tune's record may not have the epoch it was reporting.
+    assert re.search(r"epoch [345]/6 \(\d+ %\)", status), status
+    assert f"[status] next: python run.py resume {exp}" in status
 
     _finish(_run(["resume", str(exp)], cut_root, data_cache))
 
