@@ -24,8 +24,7 @@ from tune.runner import (
 )
 
 
-def _differences(status: ExperimentStatus, cfg: Config, stage: str) -> list[str]:
-    stored, _ = load_experiment_config(status.path)
+def _differences(stored: Config, cfg: Config, stage: str) -> list[str]:
     diffs = config_differences(stored, cfg, NOT_READ_BY[stage])
     if not diffs:
         return []
@@ -34,6 +33,7 @@ def _differences(status: ExperimentStatus, cfg: Config, stage: str) -> list[str]
 
 
 def _sweep_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
+    stored, _ = load_experiment_config(status.path)
     states = list(status.trials.values())
     done = sum(s == Trial.TERMINATED for s in states)
     lines = [
@@ -57,9 +57,9 @@ def _sweep_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
             df = frames.get(trial.trial_id)
             epochs = 0 if df is None or df.empty else int(dedupe_epochs(df)["epoch"].max())
             lines.append(
-                f"    lr {trial.config['lr']:.2e}: {epochs}/{cfg.sweep.epochs} epochs, {trial.status}"
+                f"    lr {trial.config['lr']:.2e}: {epochs}/{stored.sweep.epochs} epochs, {trial.status}"
             )
-    return lines + _differences(status, cfg, "sweep")
+    return lines + _differences(stored, cfg, "sweep")
 
 
 def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
@@ -84,7 +84,7 @@ def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
     if result.error is not None:
         message = str(result.error).strip().splitlines()
         lines.append(f"    ERROR: {message[-1] if message else type(result.error).__name__}")
-    return lines + _differences(status, cfg, "train")
+    return lines + _differences(stored, cfg, "train")
 
 
 def run_status(cfg: Config, command: str) -> list[str]:

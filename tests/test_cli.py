@@ -117,6 +117,8 @@ def test_status_of_a_finished_sweep_suggests_training(tmp_path, data_cache):
     assert f"sweep     {tmp_path / 'smoke' / 'sweep'}: finished, 2 of 2 trials done" in out.stdout
     assert "chosen LR 1.00e-03" in out.stdout and "training  not started" in out.stdout
     assert out.stdout.strip().endswith(f"[status] next: python run.py train {' '.join(args)}")
+    changed = run_py("status", *args, "sweep.epochs=4")
+    assert "differs from the given config (sweep.epochs: 3 there, 4 given)" in changed.stdout
 
 
 def test_help_of_every_subcommand():
