@@ -89,6 +89,16 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
         "Rerun with the stored values, or choose another run.name for a new run."
     ]
 
+    # The analysis stages' errors are one message too, not a traceback (they used to escape main).
+    wrong_seed = run_py("report", *args[1:], "run.seed=5")
+    assert wrong_seed.returncode == 2 and "Traceback" not in wrong_seed.stderr
+    assert f"error: {run / 'train'} was trained with seed 0, not 5" in wrong_seed.stderr
+    for manifest in (run / "train").glob("*/checkpoint_*/manifest.json"):
+        manifest.unlink()  # every checkpoint now incomplete: no sweet spot can be chosen
+    no_spots = run_py("analyze", *args[1:])
+    assert no_spots.returncode == 2 and "Traceback" not in no_spots.stderr
+    assert [line for line in no_spots.stderr.splitlines() if line.startswith("error:")], no_spots.stderr
+
 
 def test_all_with_optim_lr_trains_at_that_lr_without_a_sweep(tmp_path, data_cache):
     out = run_py(
