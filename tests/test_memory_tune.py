@@ -9,7 +9,7 @@ import pandas as pd
 from tests.conftest import REPO
 from tests.test_cli import run_py
 
-BUDGET_GB = 0.022  # the tiny model's weights, gradients and AdamW moments take 31 MiB: most units stream
+BUDGET_GB = 0.024  # the tiny model's weights, gradients and AdamW moments take 31 MiB: most units stream
 
 
 def test_all_stages_stream_under_a_byte_budget_and_draw_the_dsm_figure(tmp_path, data_cache):

@@ -152,7 +152,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
                 "task_metric": val.task_metric,
             },
             "grad_stats": tr.grad_stats,
-            "weight_stats": weight_stats(state.model),
+            "weight_stats": weight_stats(state.model),  # drain() in train_epoch synchronised the copies
             "activation_stats": val.activations,
             "memory": memory_record(state, budget, moves, trace),
         }
@@ -213,8 +213,12 @@ def memory_metrics(state: TrainingState, tr) -> dict:
         "skipped_unit_steps": tr.skipped_units,
     }
     if device.type == "cuda":
-        m["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-        m["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
+        # The placement resets the allocator's peak counters at every unit turn; it keeps the epoch's.
+        peaks = state.placement.take_peaks()
+        m["peak_memory_mb"] = peaks["allocated"] / 2**20
+        m["peak_reserved_mb"] = peaks["reserved"] / 2**20
+        m["context_mb"] = state.placement.budget.context_bytes / 2**20
+        m["alloc_retries_total"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     return m
 
 
@@ -271,7 +275,6 @@ def checkpoint_meta(epoch: int, cfg: Config, data: EncodedData, lr: float, devic
 
 
 def resume_state(state: TrainingState, epoch: int) -> dict:
-    dsm = state.placement.dsm
     return {
         "epoch": epoch,
         "optimizers": {unit: opt.state_dict() for unit, opt in state.optimizers.items()},
@@ -279,7 +282,7 @@ def resume_state(state: TrainingState, epoch: int) -> dict:
         "scaler": state.scaler.state_dict(),
         "generator": state.generator.get_state(),
         "rng": capture_rng(),
-        "memory": {"swapped": dsm.state_dict()["swapped"] if dsm is not None else []},
+        "memory": state.placement.state_dict(),
     }
 
 
@@ -301,7 +304,7 @@ def restore(state: TrainingState, directory: Path, cfg: Config, data: EncodedDat
     for unit, opt in state.optimizers.items():
         opt.load_state_dict(rs["optimizers"][unit])
     state.placement.adopt_loaded_state()
-    state.placement.restore_swaps(rs["memory"]["swapped"])
+    state.placement.restore(rs["memory"])
     state.schedule.load_state_dict(rs["schedule"])
     state.scaler.load_state_dict(rs["scaler"])
     state.generator.set_state(rs["generator"])

@@ -15,6 +15,7 @@ swap manager and the tests hold to the budget.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ def cuda_budget(cfg: MemoryConfig, device: torch.device, gpu_share: float) -> Bu
     """Measure the context, pick the smaller of the configured budget and the GPU share, enforce it."""
     torch.cuda.init()
     torch.empty(1, device=device)  # creates the context and the allocator
+    torch.cuda.empty_cache()  # memory this process cached earlier would escape the new cap
     free, total = torch.cuda.mem_get_info(device)
     outside = (total - free) - torch.cuda.memory_reserved(device)
     context, measured = outside, True
@@ -97,6 +99,32 @@ def cuda_budget(cfg: MemoryConfig, device: torch.device, gpu_share: float) -> Bu
     return Budget(
         bytes=budget, context_bytes=context, card_bytes=total, source=source, measured_context=measured
     )
+
+
+def refresh_context(budget: Budget, device: torch.device) -> Budget:
+    """Measure what lies outside this process's allocator again, after the first training step: cuBLAS and
+    cuDNN workspaces and lazily loaded kernels add to the context after the budget was first set.  When it
+    has grown, the allocator's cap is lowered so that reserved memory plus context stays within the budget."""
+    if device.type != "cuda" or not budget.measured_context:
+        return budget
+    free, total = torch.cuda.mem_get_info(device)
+    outside = (total - free) - torch.cuda.memory_reserved(device)
+    if outside <= budget.context_bytes:
+        return budget
+    if outside >= budget.bytes:
+        log.warning(
+            "the CUDA context grew to %s, past the whole %s budget; the cap stays",
+            size(outside),
+            size(budget.bytes),
+        )
+        return budget
+    torch.cuda.set_per_process_memory_fraction((budget.bytes - outside) / total, device)
+    log.warning(
+        "the CUDA context grew from %s to %s after the first step; the allocator's cap follows",
+        size(budget.context_bytes),
+        size(outside),
+    )
+    return dataclasses.replace(budget, context_bytes=outside)
 
 
 class MemoryBudgetError(RuntimeError):

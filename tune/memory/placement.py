@@ -2,26 +2,29 @@
 
 A ``Placement`` follows a ``MemoryPlan``: resident units stay on the device;
 streamed units live in CPU "home" buffers (one flat fp32 buffer each for weights,
-exp_avg and exp_avg_sq; pinned on a GPU machine, allocated once and reused) and
-are copied in for their turn and out after their optimizer step.  While a unit
-is out, its parameters and moment tensors are views of its home buffers, so
+exp_avg and exp_avg_sq; page-locked on a GPU machine, allocated once and reused)
+and are copied in for their turn and out after their optimizer step.  While a
+unit is out, its parameters and moment tensors are views of its home buffers, so
 ``model.state_dict()`` and ``optimizer.state_dict()`` still see every value.
 
-On CUDA the copies run on a side stream: a unit's weights (and, where the plan
-says so, its moments) are prefetched while the previous turn computes, and the
-compute stream waits on an event before it touches them.  A copy out is waited
-for by the compute stream before its device memory can be reused.  On a CPU the
-same moves are plain copies, so the tests exercise every move for real.
+On CUDA the copies run on two side streams, one per direction (the link carries
+both at once): a unit's weights (and, where the plan says so, its moments) are
+prefetched while earlier turns compute, and the compute stream waits on an event
+before it touches them.  A copy out is waited for by the compute stream before
+its device memory can be reused.  On a CPU the same moves are plain copies, so
+the tests exercise every move for real.
 
 Every move is recorded (epoch, step, unit, action, bytes, seconds, memory before
-and after) for the run's metrics and the DSM figure; ``accounted()`` is the
-bytes of weights, gradients and moments the placement has put on the device.
+and after) for the run's metrics and the DSM figure; ``accounted()`` is the bytes
+of weights, gradients and moments the placement has put on the device (a
+CPU-only trial's measure of use; a GPU's allocator measures itself).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from model.groups import selection_units
-from tune.memory.budget import Budget
+from tune.memory.budget import Budget, refresh_context
 from tune.memory.dsm import Candidate, SwapManager
 from tune.memory.plan import MOMENT_BYTES, WEIGHT_BYTES, MemoryPlan, UnitSize, replan, shard_partition
 
@@ -46,8 +49,8 @@ class Slot:
     priority: int
     params: list[nn.Parameter]
     resident: bool
-    moments_mode: str  # "resident" | "with_unit" | "sharded"
-    prefetch: bool = False
+    moments_mode: str  # "resident" | "with_unit" | "sharded": how the plan wants its moments moved
+    prefetch_at: str | None = None
     on_device: bool = False
     moments_on_device: bool = False
     home: torch.Tensor | None = None  # (numel,) weights while out
@@ -56,18 +59,17 @@ class Slot:
     device_moments: dict[str, torch.Tensor] = field(default_factory=dict)
     ready: object | None = None  # CUDA event the compute stream waits on before using the unit
 
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+    def __post_init__(self) -> None:
+        self.sizes = [p.numel() for p in self.params]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.numel = sum(self.sizes)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` cut into tensors of this unit's parameter shapes, in parameter order."""
-        out, offset = [], 0
-        for p in self.params:
-            n = p.numel()
-            out.append(flat[offset : offset + n].view(p.shape))
-            offset += n
-        return out
+        return [
+            flat[o : o + n].view(p.shape)
+            for o, n, p in zip(self.offsets, self.sizes, self.params, strict=True)
+        ]
 
 
 @dataclass
@@ -96,24 +98,28 @@ class Move:
 
 
 class Mover:
-    """Copies between home buffers and the device: on a side stream with events (CUDA), or plain copies."""
+    """Copies between home buffers and the device: on a side stream per direction with events (CUDA),
+    or plain copies (CPU)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.streams = (
+            {"in": torch.cuda.Stream(device), "out": torch.cuda.Stream(device)} if self.cuda else {}
+        )
 
-    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[object | None, tuple | float]:
+    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str):
         """dst.copy_(src) for each pair; returns (ready event or None, timing events or seconds)."""
         if not self.cuda:
             t0 = time.perf_counter()
             for dst, src in pairs:
                 dst.copy_(src)
             return None, time.perf_counter() - t0
+        stream = self.streams[direction]
         # The side stream must not start before the compute stream has finished with the memory it
         # reads (the unit's last step) or writes (a block the allocator just handed out).
-        self.stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream())
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(stream):
             start.record()
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
@@ -124,6 +130,23 @@ class Mover:
     def wait(event: object | None) -> None:
         if event is not None:
             torch.cuda.current_stream().wait_event(event)
+
+
+def page_locked(numel: int) -> torch.Tensor:
+    """A CPU fp32 buffer of exactly ``numel`` elements, page-locked for asynchronous copies.
+
+    ``torch.empty(..., pin_memory=True)`` rounds every allocation up to a power of
+    two (a 1.47 GB buffer takes 2 GiB), so the buffer is allocated pageable and
+    registered with CUDA instead, and unregistered when it is freed.
+    """
+    t = torch.empty(numel, dtype=torch.float32)
+    ptr = t.data_ptr()
+    err = int(torch.cuda.cudart().cudaHostRegister(ptr, t.numel() * t.element_size(), 0))
+    if err != 0:
+        raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
+    # Unregistered when this flat tensor goes (views of it that outlive it just become pageable).
+    weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, ptr)
+    return t
 
 
 class Placement:
@@ -156,14 +179,16 @@ class Placement:
                 params=params,
                 resident=placement.resident,
                 moments_mode=placement.moments,
-                prefetch=placement.prefetch,
+                prefetch_at=placement.prefetch_at,
             )
         self.moves: list[Move] = []
-        self.trace: list[dict] = []  # per optimizer step: peak and end use
+        self.trace: list[dict] = []  # per unit turn: its peak use
         self.epoch, self.step = 0, 0
-        self._peak = 0
-        self._live_extra = 0  # shard buffers of moments on the device
+        self._peak = 0  # accounted bytes (CPU), since the last reset
         self._step_peak = 0  # the current optimizer step's peak use, over its turns
+        self._peaks = {"allocated": 0, "reserved": 0}  # CUDA allocator peaks since take_peaks()
+        self._live_extra = 0  # shard buffers of moments on the device
+        self._context_checked = device.type != "cuda"
         self._place_initially()
 
     # -- set-up --------------------------------------------------------------
@@ -191,15 +216,17 @@ class Placement:
                 for view, p in zip(slot.views(slot.home), slot.params, strict=True):
                     view.copy_(p.data)
                     p.data = view
-        self._peak = self.accounted()
+        self._reset_peak()
 
     def _home_buffer(self, numel: int) -> torch.Tensor:
         if self.pin:
             try:
-                return torch.empty(numel, dtype=torch.float32, pin_memory=True)
-            except RuntimeError as exc:  # pinning can fail when page-locked memory runs out
+                return page_locked(numel)
+            except RuntimeError as exc:  # page-locking can fail when the OS limit is reached
                 log.warning(
-                    "cannot pin %.2f GiB of CPU memory (%s); using pageable memory", 4 * numel / 2**30, exc
+                    "cannot page-lock %.2f GiB of CPU memory (%s); using pageable memory",
+                    4 * numel / 2**30,
+                    exc,
                 )
                 self.pin = False
         return torch.empty(numel, dtype=torch.float32)
@@ -212,7 +239,11 @@ class Placement:
         for slot in self.slots.values():
             if slot.on_device:
                 total += WEIGHT_BYTES * slot.numel
-                total += sum(WEIGHT_BYTES * p.numel() for p in slot.params if p.grad is not None)
+                total += sum(
+                    WEIGHT_BYTES * n
+                    for n, p in zip(slot.sizes, slot.params, strict=True)
+                    if p.grad is not None
+                )
             if slot.moments_on_device and self._has_moments(slot):
                 total += MOMENT_BYTES * slot.numel
         return total
@@ -224,55 +255,35 @@ class Placement:
             self._peak = max(self._peak, self.accounted())
 
     def use_bytes(self) -> int:
-        """Measured use for the swap manager and the trace: the allocator (CUDA) or the accounted bytes."""
+        """Measured use since the last reset: the allocator's peak plus the context (CUDA), or the
+        accounted peak."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) + self.budget.context_bytes
         return self._peak
 
-    def start_step(self, epoch: int, step: int) -> None:
-        """A new optimizer step (1-based within the epoch) begins: moves are recorded under it."""
-        self.epoch, self.step = epoch, step
-        self._step_peak = 0
-        self._reset_peak()
-
-    def end_step(self) -> None:
-        """Every unit has had its turn: the swap manager judges the whole step.
-
-        A resident-shape step (micro-batches outer) holds every unit's gradients
-        until the last unit has stepped, so nothing can move before now: its
-        swap-outs are decided here, on the step's peak.  A unit is brought back
-        only after a whole step of the placement it was swapped out of.
-        """
-        if self.dsm is None or not self.managed:
-            return
-        if not self.streaming:
-            self._run_dsm(self._step_peak)
-            return
-        if not self.dsm.swapped:
-            return
-        swapped = {n: Candidate(n, self.slots[n].priority, self._unit_bytes(n)) for n in self.dsm.swapped}
-        back = self.dsm.to_bring_back(self._step_peak / self.dsm.budget_bytes, swapped)
-        if back is None:
-            return
-        slot = self.slots[back]
-        self._bring_in(slot, moments=True, action="swap_in")
-        self.mover.wait(slot.ready)
-        slot.ready = None
-        slot.resident = True
-        self.dsm.swapped.remove(back)
-        self._apply(replan(self.plan, self.sizes, self._resident_names()))
-
-    def after_step(self, unit: str) -> None:
-        """The unit's optimizer stepped on the device: its moments (new ones on the first step) are there."""
-        slot = self.slots[unit]
-        slot.moments_on_device = True
-        self.note()
-
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":
+            self._fold_peaks()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._peak = self.accounted()
+
+    def _fold_peaks(self) -> None:
+        self._peaks["allocated"] = max(self._peaks["allocated"], torch.cuda.max_memory_allocated(self.device))
+        self._peaks["reserved"] = max(self._peaks["reserved"], torch.cuda.max_memory_reserved(self.device))
+
+    def take_peaks(self) -> dict[str, int]:
+        """The allocator's peak allocated and reserved bytes since the last call (CUDA; zeros on a CPU).
+
+        The placement resets the allocator's peak counters at every unit turn (each
+        turn's peak is what the swap manager judges), so these longer peaks are
+        kept here.
+        """
+        if self.device.type != "cuda":
+            return {"allocated": 0, "reserved": 0}
+        self._fold_peaks()
+        out, self._peaks = dict(self._peaks), {"allocated": 0, "reserved": 0}
+        return out
 
     def _memory_now(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.accounted()
@@ -299,47 +310,59 @@ class Placement:
         nbytes = WEIGHT_BYTES * slot.numel
         move_moments = moments and self._has_moments(slot)
         if move_moments:
-            for m in MOMENTS:
-                slot.device_moments[m] = torch.empty(slot.numel, dtype=torch.float32, device=self.device)
-                pairs.append((slot.device_moments[m], self._home_moments(slot)[m]))
+            pairs += self._moment_pairs_in(slot)
             nbytes += MOMENT_BYTES * slot.numel
-        slot.ready, timing = self.mover.copy(pairs)
+        slot.ready, timing = self.mover.copy(pairs, "in")
         for view, p in zip(slot.views(slot.device_flat), slot.params, strict=True):
             p.data = view
-        if move_moments:
-            self._point_moments(slot, slot.device_moments)
         slot.on_device = True
-        slot.moments_on_device = move_moments
         self._record(slot.name, action, nbytes, before, timing)
         self.note()
 
-    def _send_out(self, slot: Slot, *, moments: bool, action: str, copy_weights: bool = True) -> None:
-        """Copy the unit's weights (and moments) home and free its device memory."""
+    def _moment_pairs_in(self, slot: Slot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Allocate the unit's device moment buffers, point AdamW's state at them, return the copies."""
+        home = self._home_moments(slot)
+        slot.device_moments = {
+            m: torch.empty(slot.numel, dtype=torch.float32, device=self.device) for m in MOMENTS
+        }
+        self._point_moments(slot, slot.device_moments)
+        slot.moments_on_device = True
+        return [(slot.device_moments[m], home[m]) for m in MOMENTS]
+
+    def _send_out(self, slot: Slot, *, action: str, copy_weights: bool = True) -> None:
+        """Copy the unit's weights (and its moments, when they are on the device) home; free its device memory."""
         before = self._memory_now()
         if slot.home is None:
             slot.home = self._home_buffer(slot.numel)
-        pairs = (
-            [(h, p.data) for h, p in zip(slot.views(slot.home), slot.params, strict=True)]
-            if copy_weights
-            else []
-        )
-        nbytes = WEIGHT_BYTES * slot.numel if copy_weights else 0
-        move_moments = moments and slot.moments_on_device and self._has_moments(slot)
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        nbytes = 0
+        if copy_weights:
+            if slot.device_flat is not None:  # one copy for a streamed unit's flat buffer
+                pairs.append((slot.home, slot.device_flat))
+            else:  # a resident unit's separately allocated parameters
+                pairs += [(h, p.data) for h, p in zip(slot.views(slot.home), slot.params, strict=True)]
+            nbytes += WEIGHT_BYTES * slot.numel
+        move_moments = slot.moments_on_device and self._has_moments(slot)
         if move_moments:
             home = self._home_moments(slot)
             opt_state = self.optimizers[slot.name].state
             for m in MOMENTS:
-                pairs += [(h, opt_state[p][m]) for h, p in zip(slot.views(home[m]), slot.params, strict=True)]
+                if slot.device_moments:
+                    pairs.append((home[m], slot.device_moments[m]))
+                else:  # created by AdamW on the device, one tensor per parameter
+                    pairs += [
+                        (h, opt_state[p][m]) for h, p in zip(slot.views(home[m]), slot.params, strict=True)
+                    ]
             nbytes += MOMENT_BYTES * slot.numel
-        event, timing = self.mover.copy(pairs) if pairs else (None, 0.0)
+        event, timing = self.mover.copy(pairs, "out") if pairs else (None, 0.0)
         # The compute stream waits for the copy before anything can reuse the unit's device memory.
         self.mover.wait(event)
         for view, p in zip(slot.views(slot.home), slot.params, strict=True):
             p.data = view
         if move_moments:
             self._point_moments(slot, self._home_moments(slot))
-            slot.device_moments = {}
-            slot.moments_on_device = False
+        slot.device_moments = {}
+        slot.moments_on_device = False
         slot.device_flat = None
         slot.on_device = False
         slot.ready = None
@@ -374,7 +397,13 @@ class Placement:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # -- turns ---------------------------------------------------------------
+    # -- steps and turns -----------------------------------------------------
+
+    def start_step(self, epoch: int, step: int) -> None:
+        """A new optimizer step (1-based within the epoch) begins: moves are recorded under it."""
+        self.epoch, self.step = epoch, step
+        self._step_peak = 0
+        self._reset_peak()
 
     def turn_order(self) -> list[str]:
         """Units in the order of this step's turns: resident ones first, then streamed, by priority."""
@@ -382,21 +411,41 @@ class Placement:
         return [n for n in order if self.slots[n].resident] + [n for n in order if not self.slots[n].resident]
 
     def begin_turn(self, unit: str, upcoming: Sequence[str] = ()) -> None:
-        """Make ``unit`` usable on the device; prefetch the next streamed unit where the plan allows."""
+        """Make ``unit`` usable on the device (moments too, where its plan keeps them with it), and start
+        the prefetches the plan times for this turn."""
         slot = self.slots[unit]
+        wants_moments = slot.moments_mode == "with_unit"
         if not slot.on_device:
-            self._bring_in(slot, moments=slot.moments_mode == "with_unit", action="stream_in")
+            self._bring_in(slot, moments=wants_moments, action="stream_in")
+        elif not slot.resident and wants_moments and not slot.moments_on_device and self._has_moments(slot):
+            # prefetched while the plan still sharded its moments; the swap manager has since made room
+            before = self._memory_now()
+            event, timing = self.mover.copy(self._moment_pairs_in(slot), "in")
+            self.mover.wait(slot.ready)
+            slot.ready = event
+            self._record(unit, "moments_in", MOMENT_BYTES * slot.numel, before, timing)
         self.mover.wait(slot.ready)
         slot.ready = None
         for name in upcoming:
             nxt = self.slots[name]
-            if not nxt.resident and not nxt.on_device and nxt.prefetch:
+            if nxt.prefetch_at == unit and not nxt.resident and not nxt.on_device:
                 self._bring_in(nxt, moments=nxt.moments_mode == "with_unit", action="stream_in")
-            break
+
+    def step_unit(self, unit: str, optimizer: torch.optim.Optimizer) -> None:
+        """The unit's optimizer step: whole where its moments are on the device (or yet to be created
+        there), shard by shard where they are at home."""
+        slot = self.slots[unit]
+        at_home = not slot.moments_on_device and (slot.moments_mode == "sharded" or self._has_moments(slot))
+        if slot.on_device and not slot.resident and at_home:
+            self._sharded_step(slot, optimizer)
+        else:
+            optimizer.step()
+            slot.moments_on_device = True  # moved in, or created there by this first step
+            self.note()
 
     def end_turn(self, unit: str) -> None:
         """After the unit's optimizer step: send a streamed unit home, measure the turn's peak use,
-        let the swap manager act, and start measuring the next turn."""
+        let the swap manager act (units-outer steps), and start measuring the next turn."""
         slot = self.slots[unit]
         self.note()
         if not self.managed:
@@ -404,40 +453,73 @@ class Placement:
         use = self.use_bytes()
         self._step_peak = max(self._step_peak, use)
         if not slot.resident:
-            self._send_out(slot, moments=slot.moments_mode == "with_unit", action="stream_out")
+            self._send_out(slot, action="stream_out")
         self.trace.append({"epoch": self.epoch, "step": self.step, "unit": unit, "peak_bytes": use})
         if self.dsm is not None and self.streaming:
-            self._run_dsm(use)
+            self._swap_out_above_target(use)
         self._reset_peak()
 
-    def sharded_step(self, unit: str, optimizer: torch.optim.Optimizer) -> None:
+    def end_step(self) -> None:
+        """Every unit has had its turn: the swap manager judges the whole step.
+
+        A resident-shape step (micro-batches outer) holds every unit's gradients
+        until the last unit has stepped, so nothing can move before now: its
+        swap-outs are decided here, on the step's peak.  A unit is brought back
+        only after a whole step of the placement it was swapped out of.  After the
+        trial's first step the CUDA context is measured again (cuBLAS and cuDNN
+        add to it lazily) and the cap follows.
+        """
+        if not self._context_checked:
+            self._context_checked = True
+            self.budget = refresh_context(self.budget, self.device)
+        if self.dsm is None or not self.managed:
+            return
+        if not self.streaming:
+            self._swap_out_above_target(self._step_peak)
+            return
+        if not self.dsm.swapped:
+            return
+        swapped = {n: Candidate(n, self.slots[n].priority, self._unit_bytes(n)) for n in self.dsm.swapped}
+        back = self.dsm.to_bring_back(self._step_peak / self.dsm.budget_bytes, swapped)
+        if back is None:
+            return
+        slot = self.slots[back]
+        self._bring_in(slot, moments=True, action="swap_in")
+        self.mover.wait(slot.ready)
+        slot.ready = None
+        slot.resident = True
+        self.dsm.swapped.remove(back)
+        self._apply(replan(self.plan, self.sizes, self._resident_names()))
+
+    def _sharded_step(self, slot: Slot, optimizer: torch.optim.Optimizer) -> None:
         """AdamW's step with the unit's moments passing through the device shard by shard.
 
         Gradients of parameters outside the current shard are hidden (AdamW skips a
         parameter whose ``grad`` is None), so each call updates exactly one shard,
-        with the same arithmetic as one step over the whole unit.  The next shard's
-        moments are copied in while the current one steps.
+        with the same arithmetic as one step over the whole unit.  A shard is a
+        contiguous range of the unit's flat buffers: one copy per moment each way.
+        The next shard's moments are copied in while the current one steps.
         """
-        slot = self.slots[unit]
-        shards = shard_partition([p.numel() for p in slot.params], self.plan.shard_bytes)
+        unit = slot.name
+        shards = shard_partition(slot.sizes, self.plan.shard_bytes)
         grads = [p.grad for p in slot.params]
         first = not self._has_moments(slot)
         opt_state = optimizer.state
         home = self._home_moments(slot)
         home_views = {m: slot.views(home[m]) for m in MOMENTS}
 
-        def fetch(k: int) -> tuple[dict, object | None]:
-            idx = shards[k]
+        def span(idx: list[int]) -> tuple[int, int]:
+            return slot.offsets[idx[0]], slot.offsets[idx[-1]] + slot.sizes[idx[-1]]
+
+        def fetch(k: int) -> tuple[dict[str, torch.Tensor], object | None]:
             if first:
                 return {}, None
-            bufs = {m: [torch.empty_like(home_views[m][i], device=self.device) for i in idx] for m in MOMENTS}
+            lo, hi = span(shards[k])
+            bufs = {m: torch.empty(hi - lo, dtype=torch.float32, device=self.device) for m in MOMENTS}
             before = self._memory_now()
-            event, timing = self.mover.copy(
-                [(b, home_views[m][i]) for m in MOMENTS for b, i in zip(bufs[m], idx, strict=True)]
-            )
-            nbytes = MOMENT_BYTES * sum(slot.params[i].numel() for i in idx)
-            self._live_extra += nbytes
-            self._record(unit, "moments_in", nbytes, before, timing)
+            event, timing = self.mover.copy([(bufs[m], home[m][lo:hi]) for m in MOMENTS], "in")
+            self._live_extra += MOMENT_BYTES * (hi - lo)
+            self._record(unit, "moments_in", MOMENT_BYTES * (hi - lo), before, timing)
             return bufs, event
 
         pending = fetch(0)
@@ -446,22 +528,29 @@ class Placement:
             if k + 1 < len(shards):
                 pending = fetch(k + 1)  # overlaps with this shard's step
             self.mover.wait(event)
-            nbytes = MOMENT_BYTES * sum(slot.params[i].numel() for i in idx)
+            lo, hi = span(idx)
+            nbytes = MOMENT_BYTES * (hi - lo)
             if first:
                 self._live_extra += nbytes  # AdamW creates them on the device in this step
             else:
                 for m in MOMENTS:
-                    for b, i in zip(bufs[m], idx, strict=True):
-                        opt_state[slot.params[i]][m] = b
+                    for i in idx:
+                        a = slot.offsets[i] - lo
+                        opt_state[slot.params[i]][m] = bufs[m][a : a + slot.sizes[i]].view(
+                            slot.params[i].shape
+                        )
             in_shard = set(idx)
             for i, p in enumerate(slot.params):
                 p.grad = grads[i] if i in in_shard else None
             optimizer.step()
             self.note()
-            # back home: the moments this shard holds (fresh ones on the first step)
+            # back home: one copy per moment (from the shard buffers), or per parameter (fresh ones)
             before = self._memory_now()
-            pairs = [(home_views[m][i], opt_state[slot.params[i]][m]) for m in MOMENTS for i in idx]
-            out_event, timing = self.mover.copy(pairs)
+            if first:
+                pairs = [(home_views[m][i], opt_state[slot.params[i]][m]) for m in MOMENTS for i in idx]
+            else:
+                pairs = [(home[m][lo:hi], bufs[m]) for m in MOMENTS]
+            out_event, timing = self.mover.copy(pairs, "out")
             self.mover.wait(out_event)
             for m in MOMENTS:
                 for i in idx:
@@ -484,18 +573,17 @@ class Placement:
     def end_eval(self, unit: str) -> None:
         slot = self.slots[unit]
         if not slot.resident and slot.on_device:
-            self._send_out(slot, moments=False, action="eval_out", copy_weights=False)
+            self._send_out(slot, action="eval_out", copy_weights=False)
 
     # -- the swap manager ----------------------------------------------------
 
     def _unit_bytes(self, name: str) -> int:
-        n = self.slots[name].numel
-        return (WEIGHT_BYTES + MOMENT_BYTES) * n
+        return (WEIGHT_BYTES + MOMENT_BYTES) * self.slots[name].numel
 
     def _resident_names(self) -> set[str]:
         return {n for n, s in self.slots.items() if s.resident}
 
-    def _run_dsm(self, use_bytes: int) -> None:
+    def _swap_out_above_target(self, use_bytes: int) -> None:
         resident = [
             Candidate(s.name, s.priority, self._unit_bytes(s.name)) for s in self.slots.values() if s.resident
         ]
@@ -503,7 +591,7 @@ class Placement:
         for name in out:
             slot = self.slots[name]
             slot.resident = False
-            self._send_out(slot, moments=True, action="swap_out")
+            self._send_out(slot, action="swap_out")
             self.dsm.swapped.append(name)
         if out:
             self._apply(replan(self.plan, self.sizes, self._resident_names()))
@@ -512,22 +600,25 @@ class Placement:
         self.plan = plan
         for u in plan.units:
             slot = self.slots[u.name]
-            slot.moments_mode, slot.prefetch = u.moments, u.prefetch
-            if u.resident:
-                slot.moments_mode = "resident"
+            slot.moments_mode, slot.prefetch_at = u.moments, u.prefetch_at
 
-    def restore_swaps(self, swapped: Sequence[str]) -> None:
-        """Resume: swap out again what the swap manager had swapped out when the checkpoint was written."""
+    def restore(self, memory: dict) -> None:
+        """Resume: the step shape and the swap manager's swap-outs as they were when the checkpoint was written."""
+        swapped = list(memory.get("swapped", []))
         for name in swapped:
             slot = self.slots[name]
             if slot.resident:
                 slot.resident = False
-                self._send_out(slot, moments=True, action="swap_out")
+                self._send_out(slot, action="swap_out")
         if self.dsm is not None:
-            self.dsm.swapped = list(swapped)
-        if swapped:
+            self.dsm.swapped = swapped
+        if swapped or (memory.get("strategy") == "stream" and not self.streaming):
             self._apply(replan(self.plan, self.sizes, self._resident_names()))
         self.moves.clear()
+
+    def state_dict(self) -> dict:
+        """What a resume needs: the step shape and the swap manager's swap-outs."""
+        return {"strategy": self.plan.strategy, "swapped": list(self.dsm.swapped) if self.dsm else []}
 
     # -- records -------------------------------------------------------------
 

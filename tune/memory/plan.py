@@ -20,7 +20,8 @@ Peak of a turn (allocator bytes), with R the resident units:
     + for a streamed unit: its weights, and its moments either whole ("with_unit")
       or, where that does not fit, shard by shard through the optimizer step
       ("sharded": the shard stepping and the next one arriving, never beside the activations)
-    + the next streamed unit's bytes when they are prefetched during this turn.
+    + the bytes of later streamed units being prefetched during this turn
+    + AdamW's step temporaries (4 bytes per parameter stepped), once the activations are gone.
 
 The planner keeps units resident by descending swap priority (first fit: a unit
 that does not fit is streamed, and smaller units of lower priority may still be
@@ -110,8 +111,8 @@ class UnitPlacement:
     moments: Literal["resident", "with_unit", "sharded"]
     """'resident': on the GPU for good; 'with_unit': they move in and out with the streamed weights;
     'sharded': they pass through the optimizer step shard by shard."""
-    prefetch: bool
-    """Its bytes are copied in on a side stream during the previous turn."""
+    prefetch_at: str | None
+    """The turn during which its bytes start coming in on a side stream (None: at its own turn)."""
     turn_peak: int
     """Estimated allocator bytes at the peak of this unit's turn."""
     moved_bytes: int
@@ -235,22 +236,31 @@ def _turn_order(sizes: Sequence[UnitSize], resident: set[str]) -> list[UnitSize]
 def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings) -> tuple[UnitPlacement, ...]:
     """Turn peaks for a given resident set; each streamed unit takes the cheapest way that fits.
 
-    A streamed unit keeps its moments with it where its turn fits, else shards them;
-    it is prefetched during the previous turn where that turn still fits.  Turns
-    that fit no way are returned with their (over-limit) peak; the caller decides.
+    A streamed unit keeps its moments with it where its turn fits, else shards them.
+    Its bytes are prefetched from the earliest turn after which every turn up to its
+    own still fits (the link then has the longest time to carry them), but never
+    before the previous streamed unit's, so units arrive in the order they are
+    needed.  Turns that fit no way are returned with their (over-limit) peak; the
+    caller decides.
     """
     limit, cast_bytes, shard_bytes = settings.limit_bytes, settings.cast_bytes, settings.shard_bytes
     order = _turn_order(sizes, resident)
     base = sum(s.weights + s.moments for s in order if s.name in resident)
 
     def working(s: UnitSize, moments: str) -> int:
-        """Bytes on the device during the unit's own turn, besides the resident base."""
+        """Bytes on the device during the unit's own turn, besides the resident base.
+
+        Activations and weight casts live during forward and backward; AdamW's step
+        comes after them and needs a 4-byte temporary per parameter it updates
+        (foreach AdamW's sqrt of exp_avg_sq), of one shard when sharded.
+        """
         grads, compute = s.weights, cast_bytes * s.numel + s.activation_bytes
         if moments == "resident":
-            return grads + compute
+            return grads + max(compute, WEIGHT_BYTES * s.numel)
         if moments == "with_unit":
-            return s.weights + s.moments + grads + compute
-        return s.weights + grads + max(compute, moment_window_bytes(s.param_numels, shard_bytes))
+            return s.weights + s.moments + grads + max(compute, WEIGHT_BYTES * s.numel)
+        window = moment_window_bytes(s.param_numels, shard_bytes)
+        return s.weights + grads + max(compute, window + window // 4)
 
     modes: dict[str, str] = {}
     for s in order:
@@ -265,15 +275,19 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
         return s.weights + (s.moments if modes[s.name] == "with_unit" else 0)
 
     peaks = [base + working(s, modes[s.name]) for s in order]
-    fetched_early = [False] * len(order)
-    if settings.prefetch:
-        for i in range(1, len(order)):
-            s = order[i]
-            if s.name in resident:
-                continue
-            if peaks[i - 1] + incoming(s) <= limit:
-                peaks[i - 1] += incoming(s)
-                fetched_early[i] = True
+    starts: list[int | None] = [None] * len(order)
+    earliest = 0  # a prefetch starts no earlier than the previous streamed unit's
+    for i, s in enumerate(order):
+        if s.name in resident:
+            continue
+        j = i
+        while settings.prefetch and j > earliest and peaks[j - 1] + incoming(s) <= limit:
+            j -= 1
+        if j < i:
+            for k in range(j, i):
+                peaks[k] += incoming(s)
+            starts[i] = j
+        earliest = j
     return tuple(
         UnitPlacement(
             name=s.name,
@@ -281,7 +295,7 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
             numel=s.numel,
             resident=s.name in resident,
             moments=modes[s.name],  # type: ignore[arg-type]
-            prefetch=fetched_early[i],
+            prefetch_at=None if starts[i] is None else order[starts[i]].name,
             turn_peak=peaks[i],
             moved_bytes=0 if s.name in resident else 2 * (s.weights + s.moments),
         )
@@ -290,8 +304,11 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
 
 
 def resident_peak(sizes: Sequence[UnitSize], cast_bytes: int) -> int:
-    """Everything on the device, micro-batches outer: all state, all gradients, every unit's activations."""
-    return sum(s.weights + s.weights + s.moments + cast_bytes * s.numel + s.activation_bytes for s in sizes)
+    """Everything on the device, micro-batches outer: all state, every unit's gradients and activations
+    at once, then the largest unit's AdamW temporary."""
+    state = sum(s.weights + s.weights + s.moments for s in sizes)
+    compute = sum(cast_bytes * s.numel + s.activation_bytes for s in sizes)
+    return state + max(compute, max(WEIGHT_BYTES * s.numel for s in sizes))
 
 
 def make_plan(sizes: Sequence[UnitSize], settings: PlanSettings) -> MemoryPlan:
@@ -385,12 +402,12 @@ def format_plan(plan: MemoryPlan) -> str:
         lines += [
             "",
             f"  {'turn':<18} {'priority':>8} {'params':>9}  {'placement':<9} {'moments':<9} "
-            f"{'prefetch':<8} {'turn peak':>10} {'moved/step':>10}",
+            f"{'prefetch from':<16} {'turn peak':>10} {'moved/step':>10}",
         ]
         for u in plan.units:
             lines.append(
                 f"  {u.name:<18} {u.priority:>8} {u.numel / 1e6:>8.2f}M  {'resident' if u.resident else 'streamed':<9} "
-                f"{u.moments:<9} {'yes' if u.prefetch else 'no':<8} {size(u.turn_peak):>10} {size(u.moved_bytes):>10}"
+                f"{u.moments:<9} {u.prefetch_at or '-':<16} {size(u.turn_peak):>10} {size(u.moved_bytes):>10}"
             )
         total = plan.peak_bytes + plan.context_bytes
         lines += [

@@ -24,6 +24,7 @@ tell them apart is made independent of the order of the work:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -146,12 +147,7 @@ def _step_unit(state: TrainingState, unit: str, window: Window, stats: dict | No
         return norm
     if stats is not None:
         stats.update(grad_stats(state, params))
-    placement = state.placement
-    if placement.slots[unit].moments_mode == "sharded" and not placement.slots[unit].resident:
-        placement.sharded_step(unit, opt)
-    else:
-        opt.step()
-        placement.after_step(unit)
+    state.placement.step_unit(unit, opt)
     opt.zero_grad(set_to_none=True)
     return norm
 
@@ -296,6 +292,17 @@ class EvalMover:
             self._saved = []
 
 
+def _pinned(batch: Batch) -> Batch:
+    """A page-locked copy of a CPU batch."""
+    out = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        out[f.name] = (
+            {k: v.pin_memory() for k, v in value.items()} if isinstance(value, dict) else value.pin_memory()
+        )
+    return Batch(**out)
+
+
 @torch.no_grad()
 def predict_outputs(
     model: nn.Module,
@@ -322,6 +329,8 @@ def predict_outputs(
             outs[j].update(model.forward_unit(unit, batch.tokens, batch.mask, batch.pooled, record))
 
     if placement is not None and placement.streaming:
+        if device.type == "cuda":  # each batch goes to the device once per unit: page-locked, asynchronously
+            batches = [_pinned(b) for b in batches]
         for unit in UNITS:
             placement.begin_eval(unit)
             for j, b in enumerate(batches):
