@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+RESUME_HELP = "the experiment, then overrides of optim.lr, optim.grad_clip, memory.*, resources.*"
 
 
 class Parser(argparse.ArgumentParser):  # a bad argument is one line saying where to look, not the usage block
@@ -28,14 +29,19 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def split(ns: argparse.Namespace, what: str = "config file") -> tuple[str | None, list[str]]:
+    """The one argument without '=' (a config file, or resume's experiment), and the key=value overrides."""
+    paths = [a for a in ns.args if "=" not in a]
+    if len(paths) > 1:
+        ns.parser.error(f"one {what}, then key=value overrides; got {paths}")
+    return (paths[0] if paths else None), [a for a in ns.args if "=" in a]
+
+
 def load(ns: argparse.Namespace):
-    """The config: the one argument without '=' is the file, the others are key=value overrides."""
     from tune.config import load_config
 
-    files = [a for a in ns.args if "=" not in a]
-    if len(files) > 1:
-        ns.parser.error(f"one config file, then key=value overrides; got {files}")
-    return load_config(files[0] if files else DEFAULT_CONFIG, [a for a in ns.args if "=" in a])
+    path, overrides = split(ns)
+    return load_config(path or DEFAULT_CONFIG, overrides)
 
 
 def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep result is used
@@ -62,7 +68,8 @@ def cmd_resume(ns):
     from tune.config import load_config
     from tune.layout import experiment_dir
 
-    resume_stage(ns.experiment or experiment_dir(load_config(DEFAULT_CONFIG), "train"))
+    where, overrides = split(ns, "experiment directory")
+    resume_stage(Path(where) if where else experiment_dir(load_config(DEFAULT_CONFIG), "train"), overrides)
 
 
 def cmd_all(ns):
@@ -101,7 +108,7 @@ def build_parser() -> Parser:
     train = add("train", cmd_train, "phase 2: the long training run")
     train.add_argument("--lr-from", type=Path, metavar="PATH", help="a sweep's best_lr.json (or its run dir)")
     resume = add("resume", cmd_resume, "continue an interrupted sweep or training experiment", common)
-    resume.add_argument("experiment", nargs="?", type=Path, help="<run dir>/sweep or <run dir>/train")
+    resume.add_argument("args", nargs="*", metavar="[<run dir>/train] [key=value]", help=RESUME_HELP)
     add("analyze", cmd_stage, "phase 3: sweet spots and figures")
     add("crossover", cmd_stage, "phase 4: the crossover model")
     add("report", cmd_stage, "test-split evaluation of every method")

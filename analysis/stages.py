@@ -37,7 +37,7 @@ from tune.checkpoints import CheckpointError
 from tune.config import Config, ConfigError, cache_dir
 from tune.data import DataError, prepare_data
 from tune.layout import analysis_dir, best_lr_path, experiment_dir, final_dir, sweep_outputs_dir
-from tune.runner import ExperimentError, load_experiment_config
+from tune.runner import ExperimentError, resume_config
 from tune.sweep import SweepResult, run_sweep
 from tune.train import run_train, with_lr
 
@@ -88,10 +88,11 @@ def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False)
     )
 
 
-def resume_stage(path: Path) -> None:
-    """Continue the sweep or training experiment at ``path`` with the config it was started with."""
+def resume_stage(path: Path, overrides: list[str] | None = None) -> None:
+    """Continue the sweep or training experiment at ``path`` with the config it was started with, and
+    the ``overrides`` a resume may make (``tune.runner.resume_config``)."""
     path = Path(path).expanduser().resolve()
-    cfg, stage = load_experiment_config(path)
+    cfg, stage = resume_config(path, list(overrides or []))
     # Wherever the run directory is now, it is <output_root>/<run.name>/<stage>.
     run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
     cfg = dataclasses.replace(cfg, run=run)

@@ -21,6 +21,7 @@ from tune.runner import (
     dedupe_epochs,
     experiment_status,
     load_experiment_config,
+    newest_checkpoint_epoch,
 )
 
 
@@ -71,16 +72,24 @@ def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
     result, state = results[0], next(iter(status.trials.values()))
     lines = [f"  training  {status.path}: {state}, peak LR {stored.optim.lr:.2e}"]
     df = result.metrics_dataframe
+    # A driver killed right after a checkpoint leaves Tune's record behind what is on disk: the
+    # checkpoints themselves say how far the run got (and where a resume starts).
+    on_disk = newest_checkpoint_epoch(status.path)
     if df is not None and not df.empty:
         last = dedupe_epochs(df).iloc[-1]
-        epoch = int(last["epoch"])
+        epoch = max(int(last["epoch"]), on_disk)
+        lag = f" (Tune's record reaches epoch {int(last['epoch'])})" if epoch > int(last["epoch"]) else ""
         lines.append(
-            f"    epoch {epoch}/{total} ({100 * epoch / total:.0f} %), val loss {last['val_loss']:.4f}, "
+            f"    epoch {epoch}/{total} ({100 * epoch / total:.0f} %){lag}, val loss {last['val_loss']:.4f}, "
             f"val acc {last['val_acc']:.3f}, peak memory {last['peak_memory_mb']:.0f} MB ({last['memory_kind']})"
         )
+    elif on_disk:
+        lines.append(f"    epoch {on_disk}/{total} ({100 * on_disk / total:.0f} %) by its newest checkpoint")
     checkpoints = result.best_checkpoints or []
     latest = result.checkpoint.path if result.checkpoint else "-"
-    lines.append(f"    checkpoints: {len(checkpoints)}, latest {latest}")
+    lines.append(
+        f"    checkpoints: {len(checkpoints)} in Tune's record, latest {latest}; newest on disk: epoch {on_disk}"
+    )
     if result.error is not None:
         message = str(result.error).strip().splitlines()
         lines.append(f"    ERROR: {message[-1] if message else type(result.error).__name__}")

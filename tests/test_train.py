@@ -218,6 +218,34 @@ def test_nan_loss_stops_with_a_named_error_and_keeps_checkpoints(smoke_cfg, ray_
         verify_checkpoint(d)  # whatever was written before the failure is intact
 
 
+def test_resume_takes_a_lower_lr_after_a_nan_and_records_it(smoke_cfg, ray_session):
+    """The NaN advice can be followed: resume with optim.lr=<lower> finishes the run from its newest
+    checkpoint at the new LR, and the experiment's history says so; a change that alters the run is refused."""
+    from analysis.stages import resume_stage
+    from tune.config import cache_dir
+    from tune.data import prepare_data
+    from tune.layout import CONFIG_FILE, experiment_dir
+    from tune.train import run_train
+
+    cfg = smoke_cfg("optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_ratio=0", "train.epochs=4")
+    prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    with pytest.raises(ExperimentError, match="optim.lr=<lower>"):
+        run_train(cfg, "command line (optim.lr)")
+    path = experiment_dir(cfg, "train")
+    with pytest.raises(ExperimentError, match=r"a resume cannot change train.epochs: 4 stored, 8 asked"):
+        resume_stage(path, ["optim.lr=1e-3", "train.epochs=8"])
+    resume_stage(path, ["optim.lr=1e-3", "optim.grad_clip=1.0", "memory.strategy=stream"])
+    record = json.loads((path / CONFIG_FILE).read_text())
+    assert record["config"]["optim"]["lr"] == 1e-3 and record["config"]["optim"]["grad_clip"] == 1.0
+    (change,) = record["history"]
+    assert change["changed"]["optim.lr"] == [1e6, 1e-3] and change["from_epoch"] == 1
+    assert change["changed"]["memory.strategy"] == ["auto", "stream"]
+    done = checkpoints_of(path)
+    assert sorted(done) == [2, 4]
+    meta = json.loads((done[4] / "meta.json").read_text())
+    assert meta["lr_peak"] == 1e-3 and meta["config"]["memory"]["strategy"] == "stream"
+
+
 def _fake_sweep(cfg, best_lr: float) -> Path:
     """A finished sweep's records as run_sweep leaves them: the stored config and best_lr.json."""
     from tune.config import config_to_dict

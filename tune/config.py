@@ -49,7 +49,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfigSection:
     name: str = "redheart"
-    """Experiment name; Tune experiments are <output_root>/<name>-sweep and <name>-train."""
+    """Run name: every output of the run lives under <output_root>/<name>/ (sweep/, train/, lr_sweep/,
+    analysis/, final/)."""
     output_root: str = "runs"
     """The one directory everything is written under (relative paths are taken from the working directory)."""
     seed: int = 0
@@ -131,7 +132,7 @@ class TrainConfig:
     keep_resume_state: Literal["latest", "all"] = "latest"
     """Keep optimizer/scheduler/RNG state in the newest checkpoint only, or in all of them."""
     use_sweep_lr: bool = True
-    """Take the LR from the sweep's best_lr.json when it exists."""
+    """Take the LR from this run's own sweep (<output_root>/<name>/lr_sweep/best_lr.json) when it exists."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class ResourcesConfig:
     address: str | None = None
     """Address of an existing Ray cluster ('auto' or host:port); null starts a local one."""
     torch_threads: int | None = None
-    """torch.set_num_threads in each trial (null: the trial's CPU count)."""
+    """torch.set_num_threads in each trial (null: the CPUs Ray gave the trial, less one when that is
+    every core of the machine, for Ray's own processes)."""
 
 
 @dataclass(frozen=True)
@@ -449,6 +451,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         source += " with overrides " + " ".join(overrides)
     return config_from_dict(raw, source)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], source: str) -> Config:
+    """``cfg`` with ``key=value`` overrides applied, validated like a loaded file."""
+    raw = config_to_dict(cfg)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _apply_override(raw, keys, value)
+    return config_from_dict(raw, f"{source} with overrides {' '.join(overrides)}" if overrides else source)
 
 
 def config_to_dict(cfg: Any) -> Any:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ray.tune import (
 )
 from ray.tune.experiment import Trial
 
-from tune.config import Config, cache_dir, config_from_dict, config_to_dict
+from tune.config import Config, cache_dir, config_from_dict, config_to_dict, with_overrides
 from tune.files import write_json_atomic
 from tune.layout import CONFIG_FILE, SPLIT_FILE, experiment_dir
 from tune.resources import trial_resources
@@ -150,10 +151,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(
-    stored: Config, current: Config, ignore: tuple[str, ...] = ()
+    stored: Config, current: Config, ignore: tuple[str, ...] = (), *, every_field: bool = False
 ) -> list[tuple[str, Any, Any]]:
-    """(key, stored value, current value) of every field that differs and changes results."""
-    skip = (*NO_RESULT_CHANGE, *ignore)
+    """(key, stored value, current value) of every field that differs and changes results (with
+    ``every_field``, of every field that differs)."""
+    skip = ignore if every_field else (*NO_RESULT_CHANGE, *ignore)
     a, b = _flatten(config_to_dict(stored)), _flatten(config_to_dict(current))
     return [
         (key, a.get(key, "<absent>"), b.get(key, "<absent>"))
@@ -178,6 +180,53 @@ def load_experiment_config(path: Path) -> tuple[Config, str]:
         raise ExperimentError(f"{f}: not found; {path} is not an experiment started by run.py")
     raw = json.loads(f.read_text())
     return config_from_dict(raw["config"], str(f)), raw["stage"]
+
+
+RESUME_MAY_CHANGE = ("optim.lr", "optim.grad_clip", "optim.eval_batch_size")
+"""Besides NO_RESULT_CHANGE, what ``resume`` may change in a training run: they act from the resumed
+epoch on and are recorded in the experiment's history (a lower LR or clipping after a NaN loss, a
+smaller evaluation batch after running out of memory)."""
+
+
+def resume_config(path: Path, overrides: list[str]) -> tuple[Config, str]:
+    """The config to resume the experiment at ``path`` with: the stored one, plus ``overrides`` of the
+    fields a resume may change; the change is stored, with the epoch it applies from, in the history."""
+    stored, stage = load_experiment_config(path)
+    if not overrides:
+        return stored, stage
+    cfg = with_overrides(stored, overrides, str(path / CONFIG_FILE))
+    allowed = RESUME_MAY_CHANGE if stage == "train" else ()
+    refused = config_differences(stored, cfg, allowed)
+    if refused:
+        listed = "; ".join(f"{key}: {old!r} stored, {new!r} asked" for key, old, new in refused)
+        may = ", ".join([*NO_RESULT_CHANGE, *allowed])
+        raise ExperimentError(
+            f"{path}: a resume cannot change {listed}. It may change {may}; for anything else start a "
+            "new run (another run.name)."
+        )
+    changed = {key: [old, new] for key, old, new in config_differences(stored, cfg, every_field=True)}
+    record = json.loads((path / CONFIG_FILE).read_text())
+    record["config"] = config_to_dict(cfg)
+    record.setdefault("history", []).append(
+        {
+            "time": datetime.now(timezone.utc).isoformat(),
+            "overrides": list(overrides),
+            "changed": changed,
+            "from_epoch": newest_checkpoint_epoch(path) + 1,
+        }
+    )
+    write_json_atomic(path / CONFIG_FILE, record)
+    return cfg, stage
+
+
+def newest_checkpoint_epoch(path: Path) -> int:
+    """The epoch of the newest complete checkpoint under an experiment (0 when there is none)."""
+    epochs = [
+        json.loads((d / "meta.json").read_text())["epoch"]
+        for d in Path(path).glob("*/checkpoint_*")
+        if (d / "manifest.json").is_file() and (d / "meta.json").is_file()
+    ]
+    return max(epochs, default=0)
 
 
 def check_same_config(path: Path, cfg: Config, stage: str) -> None:

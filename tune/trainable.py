@@ -79,7 +79,8 @@ def selection_score(train_losses: list[float], val_losses: list[float], overfit_
 def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
     """One Tune trial: ``params["lr"]`` is the peak learning rate."""
     assert stage in STAGES, stage
-    lr = float(params["lr"])
+    # The training run's LR is its config's (a resume may lower it after a NaN); the sweep's is the trial's.
+    lr = cfg.optim.lr if stage == "train" else float(params["lr"])
     epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
     threads = trial_threads(cfg)  # the CPUs Ray gave this trial, one left for Ray on a small machine
     torch.set_num_threads(threads)

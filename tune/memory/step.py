@@ -248,14 +248,16 @@ def _check_finite(matrix: np.ndarray, norms: dict[str, float], window: Window, *
     if bad:
         raise NonFiniteLossError(
             f"non-finite loss at epoch {window.epoch}, optimizer step {window.step}, in module(s): "
-            f"{', '.join(bad)}. Earlier checkpoints are intact; lower the LR (optim.lr / sweep), enable "
-            "clipping (optim.grad_clip) or check the data, then resume."
+            f"{', '.join(bad)}. Earlier checkpoints are intact: continue from the newest with a lower LR or "
+            "clipping, python run.py resume <run dir>/train optim.lr=<lower> (or optim.grad_clip=1.0), or "
+            "check the data."
         )
     bad = [u for u, v in norms.items() if not np.isfinite(v)]
     if bad and not skip_norms:
         raise NonFiniteLossError(
             f"non-finite gradient norm at epoch {window.epoch}, optimizer step {window.step}, in unit(s): "
-            f"{', '.join(bad)}; lower the LR or enable clipping, then resume."
+            f"{', '.join(bad)}; continue with a lower LR or clipping: python run.py resume <run dir>/train "
+            "optim.lr=<lower> (or optim.grad_clip=1.0)."
         )
 
 
