@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from analysis.crossover import CrossoverError
 from analysis.evaluate import EvaluationError
@@ -37,12 +38,14 @@ from tune.checkpoints import CheckpointError
 from tune.config import Config, ConfigError, cache_dir
 from tune.data import DataError, prepare_data
 from tune.layout import analysis_dir, best_lr_path, experiment_dir, final_dir, sweep_outputs_dir
+from tune.memory import PlanError, cpu_budget, plan_for, planning_budget
 from tune.runner import ExperimentError, resume_config
 from tune.sweep import SweepResult, run_sweep
 from tune.train import run_train, with_lr
 
 USER_ERRORS = (
     ConfigError,
+    PlanError,
     DataError,
     ExperimentError,
     ExperimentReadError,
@@ -54,9 +57,20 @@ USER_ERRORS = (
 
 
 def _prepare(cfg: Config) -> None:
-    """Fetch, validate and encode the data in the driver, with a progress bar, before any trial starts."""
+    """Fetch, validate and encode the data in the driver, with a progress bar, before any trial starts;
+    check that the model fits its memory budget (a plan that cannot fit fails here, not in a trial)."""
     data = prepare_data(cfg.data, cache_dir(cfg), show_progress=True)
     print(f"[data] {data.summary()}")
+    on_gpu = cfg.resources.gpu > 0 and (bool(cfg.resources.address) or torch.cuda.is_available())
+    budget = planning_budget(cfg.memory) if on_gpu else cpu_budget(cfg.memory)
+    plan, _ = plan_for(cfg, data.tasks, data.input_dim, device="cuda" if on_gpu else "cpu", budget=budget)
+    if plan.strategy == "stream":
+        print(
+            f"[memory] {len(plan.streamed)} of {len(plan.units)} units stream through the "
+            f"{budget.bytes / 2**30:.2f} GiB budget ({', '.join(plan.streamed) or 'none yet'}); estimated peak "
+            f"{(plan.peak_bytes + plan.context_bytes) / 2**30:.2f} GiB, {plan.transfer_bytes_per_step / 2**30:.2f} "
+            "GiB moved per optimizer step (python run.py params prints the plan)"
+        )
 
 
 def _table(df: pd.DataFrame) -> str:

