@@ -219,9 +219,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict], budget_gb: float) -> list[str]:
+def verdict(rows: list[dict], budget_gb: float, device: str) -> list[str]:
     by = {r["row"]: r for r in rows if "error" not in r}
-    out = []
+    out = (
+        []
+        if device == "cuda"
+        else ["on a CPU: the moves are memory copies and nothing is capped; the targets are a GPU's"]
+    )
     if "resident" in by and "stream" in by:
         res, st = by["resident"], by["stream"]
         ratio = st["step_s"] / res["step_s"]
@@ -286,7 +290,7 @@ def main() -> None:
         print(f"[{row}] {json.dumps(result)}", flush=True)
     print()
     print(table(rows))
-    for line in verdict(rows, args.budget_gb):
+    for line in verdict(rows, args.budget_gb, args.device):
         print(line)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
