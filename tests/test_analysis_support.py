@@ -66,7 +66,7 @@ def fake_metrics(epoch: int, targets: dict[str, int]) -> dict:
         "lr_peak": 1e-3,
         "score": val_loss,
         **{f"val_loss/{m}": v for m, v in losses.items()},
-        **{f"val_metric/{m}": 0.5 for m in losses},
+        **{f"val_acc/{m}": 0.5 for m in losses},
         **{f"val_group_loss/{g}": float(np.mean([losses[m] for m in ms])) for g, ms in GROUPS.items()},
     }
     return {

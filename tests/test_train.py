@@ -53,9 +53,11 @@ def test_six_epochs_through_tune_leave_checkpoints_2_4_6(smoke_cfg, ray_session)
         val = info.metrics["val"]
         assert set(val["module_loss"]) == set(MODULES)  # a real per-module val loss for every module
         assert all(v > 0 and v == v for v in val["module_loss"].values())
-        assert (
-            info.metrics["grad_stats"] and info.metrics["weight_stats"] and info.metrics["activation_stats"]
-        )
+        assert info.metrics["grad_stats"] and info.metrics["weight_stats"]
+        assert set(info.metrics["activation_stats"]) == set(MODULES)  # group B's analyzers too
+        # each module's metric under the name of what it is (smoke: VADER, surd a classification)
+        assert {"val_acc/heads.emotion", "val_mae/heads.bentham", "val_fused_acc/surd"} <= set(info.metrics)
+        assert not any(k.startswith("val_metric/") for k in info.metrics)
         assert info.meta["data_fingerprint"] and info.meta["config"]["run"]["seed"] == 0
         # Only the newest checkpoint keeps the resume state (train.keep_resume_state: latest).
         assert info.has_resume_state == (epoch == 6)

@@ -136,7 +136,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
         trace += tr.memory_trace
         history["train"].append(tr.loss)
         history["val"].append(val.loss)
-        metrics = epoch_metrics(epoch, tr, val, device, cfg, history, lr)
+        metrics = epoch_metrics(epoch, tr, val, device, cfg, history, lr, data.tasks)
         metrics.update(memory_metrics(state, tr))
         if not save:
             report(metrics)
@@ -175,7 +175,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
                 prune_resume_states(Path(persisted.path).parent, keep=1 if epoch == epochs else 2)
 
 
-def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float) -> dict:
+def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float, tasks) -> dict:
     """The flat per-epoch row Tune records (result.json, progress.csv, TensorBoard)."""
     m = {
         "epoch": epoch,
@@ -193,10 +193,12 @@ def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float) -> di
     }
     for module, v in val.module_loss.items():
         m[f"val_loss/{module}"] = v
+    # A metric's name says what it is: accuracy for a classification task, mean absolute error otherwise.
+    short = {t: "acc" if spec.is_classification else "mae" for t, spec in tasks.items()}
     for module, v in val.module_metric.items():
-        m[f"val_metric/{module}"] = v
+        m[f"val_{short[MODULE_TASK[module]]}/{module}"] = v
     for task, v in val.task_metric.items():
-        m[f"val_task/{task}"] = v
+        m[f"val_fused_{short[task]}/{task}"] = v
     for group, members in GROUPS.items():
         m[f"val_group_loss/{group}"] = float(np.mean([val.module_loss[x] for x in members]))
     return m
