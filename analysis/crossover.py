@@ -13,8 +13,6 @@ skipped.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from model.groups import SelectionUnit, param_prefix_owner, selection_units
 from model.tasks import TaskSpec
 from tune.checkpoints import CheckpointError, group_file, load_group
 from tune.config import config_from_dict
+from tune.files import write_atomic
 
 DEFAULT_DELTAS: tuple[int, ...] = (-4, -2, 0, 2, 4)
 
@@ -278,15 +277,6 @@ def variant_spots(
 def save_state_atomic(
     state: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """safetensors through a temporary file and os.replace, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """safetensors written atomically (``tune.files.write_atomic``): a crash never leaves half a file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
