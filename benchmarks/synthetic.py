@@ -10,17 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.tasks import TaskSpec
-from tune.data import EncodedData
+from tune.data import EncodedData, task_specs
 
-TASKS = {
-    "emotion": TaskSpec(
-        "emotion", "soft_classification", ("Joy", "Trust", "Fear", "Surprise", "Sadness", "Disgust", "Anger")
-    ),
-    "bentham": TaskSpec("bentham", "regression", ("intensity", "duration", "certainty", "propinquity")),
-    "regret": TaskSpec("regret", "regression", ("regret_factor",)),
-    "surd": TaskSpec("surd", "regression", ("selection", "uncertainty", "risk", "decision")),
-}
+TASKS = task_specs("redheart")
+"""The user's data format's tasks: 7-way emotion distribution, 4 Bentham scores, regret, 4 SURD metrics."""
 
 
 def synthetic_data(
