@@ -68,15 +68,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _memory(device: torch.device, budget) -> dict:
+def _memory(device: torch.device, budget, peaks: dict | None = None) -> dict:
+    """Peak reserved (+ the context) and allocated over the row.  ``peaks``: a placement's own record
+    (it resets the allocator's counters at every unit turn); else the allocator's since the start."""
     if device.type != "cuda":
         return {}
-    stats = torch.cuda.memory_stats(device)
+    if peaks is None:
+        peaks = {
+            "allocated": torch.cuda.max_memory_allocated(device),
+            "reserved": torch.cuda.max_memory_reserved(device),
+        }
     return {
-        "peak_reserved_gib": (torch.cuda.max_memory_reserved(device) + budget.context_bytes) / GiB,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
+        "peak_reserved_gib": (peaks["reserved"] + budget.context_bytes) / GiB,
+        "peak_allocated_gib": peaks["allocated"] / GiB,
         "context_gib": budget.context_bytes / GiB,
-        "alloc_retries": stats.get("num_alloc_retries", 0),
+        "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0),
     }
 
 
@@ -121,7 +127,7 @@ def row_placement(args, strategy: str) -> dict:
         "moved_gib_per_step": statistics.median(moved[1:] or moved) / GiB,
         "loss": loss,
         "build_s": build_s,
-        **_memory(device, budget),
+        **_memory(device, state.placement.budget, state.placement.take_peaks()),
     }
 
 
