@@ -99,6 +99,7 @@ def test_the_budget_is_enforced_and_held():
 
 
 def test_validation_and_evaluation_stream_on_the_gpu():
+    pytest.importorskip("ray", reason="the analysis package reads Tune experiments")
     from analysis.evaluate import EvalSettings, predict
 
     data = synthetic_data(64, 32, val_rows=48)
