@@ -26,7 +26,9 @@ def start_ray(cfg: Config, *, include_dashboard: bool | None = None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     r = cfg.resources
     if r.address:
-        ray.init(address=r.address, log_to_driver=True)
+        # Joining a cluster: the code travels with the job (runtime_env py_modules), so the workers need
+        # only the dependencies installed; paths were resolved in the driver (tune.config.resolve_paths).
+        ray.init(address=r.address, log_to_driver=True, runtime_env={"py_modules": code_modules()})
         return
     ray.init(
         num_cpus=r.ray_num_cpus,
@@ -35,6 +37,15 @@ def start_ray(cfg: Config, *, include_dashboard: bool | None = None) -> None:
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+def code_modules() -> list:
+    """The project's packages, shipped to a cluster's workers with the job."""
+    import analysis
+    import model
+    import tune
+
+    return [analysis, model, tune]
 
 
 def torch_threads(cpus: float, cores: int | None = None) -> int:
@@ -59,13 +70,20 @@ def trial_threads(cfg: Config) -> int:
     return torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
 
 
+def largest_node_cpus() -> float:
+    """The CPUs of the cluster's largest live node."""
+    per_node = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return float(max(per_node, default=1.0)) or 1.0
+
+
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
-    """The per-trial request: a GPU share only when the cluster has a GPU, CPUs capped to what exists."""
-    cpus = min(cfg.resources.cpus_per_trial, float(ray.cluster_resources().get("CPU", 1.0)))
+    """The per-trial request: a GPU share only when the cluster has a GPU, CPUs capped to what one node has
+    (a trial runs on one node: a cluster's total of 16 CPUs over four nodes cannot host an 8-CPU trial)."""
+    cpus = min(cfg.resources.cpus_per_trial, largest_node_cpus())
     request = {"cpu": cpus}
     if cluster_gpus() > 0 and cfg.resources.gpu > 0:
         request["gpu"] = cfg.resources.gpu
