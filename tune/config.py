@@ -133,6 +133,10 @@ class TrainConfig:
     """Keep optimizer/scheduler/RNG state in the newest checkpoint only, or in all of them."""
     use_sweep_lr: bool = True
     """Take the LR from this run's own sweep (<output_root>/<name>/lr_sweep/best_lr.json) when it exists."""
+    progress_every_s: float = 60.0
+    """Seconds between a trial's progress lines on the console inside an epoch (step, samples/s, the
+    epoch's and the run's ETA); 0 turns them off.  ``status`` and TensorBoard get the same progress
+    regardless (tune/progress.py)."""
 
 
 @dataclass(frozen=True)
@@ -388,6 +392,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(s.overfit_weight >= 0, "sweep.overfit_weight: must be >= 0")
     need(t.epochs >= 1, "train.epochs: must be >= 1")
     need(t.checkpoint_every >= 1, "train.checkpoint_every: must be >= 1")
+    need(t.progress_every_s >= 0, "train.progress_every_s: must be >= 0 (0 turns the progress lines off)")
     need(0.0 <= r.gpu <= 1.0, "resources.gpu: a share of one GPU, in [0, 1]")
     need(r.cpus_per_trial > 0, "resources.cpus_per_trial: must be > 0")
     need(r.ray_num_cpus is None or r.ray_num_cpus >= 1, "resources.ray_num_cpus: must be null or >= 1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "EpochResult",
     "NonFiniteLossError",
     "Schedule",
+    "StepInfo",
     "TrainingState",
     "ValidationResult",
     "build_training",
@@ -299,10 +301,33 @@ class EpochResult:
     memory_trace: list[dict] = field(default_factory=list)  # every unit turn's peak use
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """One optimizer step, as ``train_epoch``'s ``on_step`` sees it (``tune.progress`` reads it)."""
+
+    epoch: int
+    step: int  # optimizer steps done in this epoch, from 1
+    steps_per_epoch: int
+    rows: int  # training rows (samples) in this step
+    loss: float  # the step's total loss, row-weighted over its micro-batches
+    lr: float  # the LR this step used
+    grad_norm: float  # the whole model's gradient norm, before clipping
+    seconds: float  # since the epoch began
+
+
 def train_epoch(
-    state: TrainingState, data: EncodedData, epoch: int, *, collect_grad_stats: bool = False
+    state: TrainingState,
+    data: EncodedData,
+    epoch: int,
+    *,
+    collect_grad_stats: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> EpochResult:
-    """One pass over the training split, ``grad_accum`` micro-batches per optimizer step."""
+    """One pass over the training split, ``grad_accum`` micro-batches per optimizer step.
+
+    ``on_step``: called after every optimizer step (progress, per-step logging); it
+    must not touch the training state.
+    """
     state.model.train()
     t0 = time.perf_counter()
     loss_sum, n_rows, correct, counted, skipped = 0.0, 0, 0.0, 0, 0
@@ -322,14 +347,28 @@ def train_epoch(
         )
         state.schedule.step()
         totals = total_of(result, weights)
-        loss_sum += float(np.dot(totals, result.rows))
-        n_rows += sum(result.rows)
+        step_loss, step_rows = float(np.dot(totals, result.rows)), sum(result.rows)
+        loss_sum += step_loss
+        n_rows += step_rows
         correct += result.correct
         counted += result.counted
         norms.append(math.sqrt(sum(v * v for v in result.unit_norms.values())))
         skipped += len(result.skipped)
         if result.grad_stats is not None:
             stats = result.grad_stats
+        if on_step is not None:
+            on_step(
+                StepInfo(
+                    epoch=epoch,
+                    step=step + 1,
+                    steps_per_epoch=state.steps_per_epoch,
+                    rows=step_rows,
+                    loss=step_loss / max(step_rows, 1),
+                    lr=lrs[-1],
+                    grad_norm=norms[-1],
+                    seconds=time.perf_counter() - t0,
+                )
+            )
     moves, trace = state.placement.drain()
     finite = [n for n in norms if math.isfinite(n)]
     return EpochResult(

@@ -132,7 +132,14 @@ def dedupe_epochs(df: pd.DataFrame) -> pd.DataFrame:
 # The stored config of an experiment
 
 
-NO_RESULT_CHANGE = ("resources", "memory", "run.name", "run.output_root", "data.cache_dir")
+NO_RESULT_CHANGE = (
+    "resources",
+    "memory",
+    "run.name",
+    "run.output_root",
+    "data.cache_dir",
+    "train.progress_every_s",
+)
 """Config fields that never change a run's results: where it runs and with what resources, how memory
 is managed, where files go.  Every other field does, and a difference in it refuses a reuse or resume."""
 NOT_READ_BY = {"sweep": ("train", "optim.lr"), "train": ("sweep", "train.use_sweep_lr")}

@@ -43,6 +43,7 @@ from tune.loop import (
     weight_stats,
 )
 from tune.memory import GiB, configure_allocator, format_plan, out_of_memory, trial_budget
+from tune.progress import Progress, trial_directory
 from tune.resources import describe_device, trial_device, trial_threads
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
     # The training run's LR is its config's (a resume may lower it after a NaN); the sweep's is the trial's.
     lr = cfg.optim.lr if stage == "train" else float(params["lr"])
     epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
+    # Steps, samples/s and ETAs inside each epoch: the console line, live_progress.json, TensorBoard.
+    progress = Progress(
+        trial_directory(), stage=stage, lr_peak=lr, epochs=epochs, print_every_s=cfg.train.progress_every_s
+    )
     threads = trial_threads(cfg)  # the CPUs Ray gave this trial, one left for Ray on a small machine
     torch.set_num_threads(threads)
     import ray
@@ -115,12 +120,15 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            tr = train_epoch(state, data, epoch, collect_grad_stats=save)
+            tr = train_epoch(
+                state, data, epoch, collect_grad_stats=save, on_step=progress.hook(state.placement)
+            )
         except NonFiniteLossError as exc:
             if stage != "sweep":
                 raise  # training stops with the error; earlier checkpoints stay intact
             # In the sweep a diverging LR is a result, not a failure: record it and end this trial.
             log.warning("lr %.1e diverged: %s", lr, exc)
+            progress.close("diverged")
             report(diverged_row(epoch, lr, str(exc)))
             return
         except torch.OutOfMemoryError as exc:
@@ -131,6 +139,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
             raise out_of_memory(
                 exc, state.placement.plan, budget, "in validation (optim.eval_batch_size)"
             ) from exc
+        progress.end_epoch(epoch)
         lr_log += [{"epoch": epoch, "step_in_epoch": i + 1, "lr": v} for i, v in enumerate(tr.lrs)]
         moves += tr.memory_moves
         trace += tr.memory_trace
