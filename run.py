@@ -79,9 +79,9 @@ def cmd_all(ns):
 
 
 def cmd_status(ns):
-    from analysis.status import run_status
+    from analysis.status import print_status
 
-    print("\n".join(run_status(load(ns), " ".join(ns.args))))
+    print_status(load(ns), " ".join(ns.args), watch_s=ns.watch)
 
 
 def cmd_params(ns):
@@ -114,10 +114,10 @@ def build_parser() -> Parser:
     add("report", cmd_stage, "test-split evaluation of every method")
     every = add("all", cmd_all, "every stage; finished ones are reused, an interrupted one resumed")
     every.add_argument("--seeds", type=positive_int, default=1, help="train N seeds (default 1)")
-    add("status", cmd_status, "where the run stands, and the next command")
-    add("params", cmd_params, "parameters per module and group, memory estimate").add_argument(
-        "--json", action="store_true", help="the report as JSON"
-    )
+    status = add("status", cmd_status, "where the run stands, and the next command")
+    status.add_argument("--watch", nargs="?", const=10, type=float, metavar="S", help="every S seconds (10)")
+    params = add("params", cmd_params, "parameters per module and group, memory estimate")
+    params.add_argument("--json", action="store_true", help="the report as JSON")
     return parser
 
 

@@ -1,19 +1,30 @@
 """``python run.py status``: where a run stands (sweep, training, analysis) and the command that comes next.
 
 Everything is read through Ray's public API (``ExperimentAnalysis``, ``ResultGrid``)
-and the files the stages write; nothing needs Ray to be running.
+and the files the stages write; nothing needs Ray to be running.  A running trial's
+progress inside its epoch (step, samples/s, ETAs) comes from its ``live_progress.json``
+(``tune.progress``), read by ``read_progress`` alone; ``--watch`` reprints it all.
+
+A live run writes that file every few seconds while it trains.  When Tune's record
+says trials are still running but no trial has written for longer than STALL_EPOCHS
+epochs' time, the driver has died: the ``stalled`` warning names the resume command.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 from ray.tune.experiment import Trial
 
 from analysis.pipeline import CROSSOVER_FILE, RESULTS_FILE, SWEET_SPOTS_FILE
 from tune.config import Config
 from tune.layout import analysis_dir, best_lr_path, experiment_dir, final_dir, run_dir
+from tune.progress import PROGRESS_FILE, WRITE_EVERY_S, format_seconds
 from tune.runner import (
     NOT_READ_BY,
     ExperimentStatus,
@@ -96,13 +107,104 @@ def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
     return lines + _differences(stored, cfg, "train")
 
 
+STALL_EPOCHS = 3
+"""``status`` warns that the driver has died once an experiment Tune records as running has written no
+progress for this many epochs' time (an epoch's training and validation, as measured by the run)."""
+STALL_MIN_S = 120.0
+"""...and for at least this long: checkpoints, Tune's reports and a new trial's start make short pauses."""
+STALL_START_S = 600.0
+"""The allowance while the newest trial is starting (data, model, checkpoint restore) and has timed no
+epoch yet."""
+LIVE = (Trial.PENDING, Trial.RUNNING)
+
+
+def read_progress(experiment: Path) -> dict[str, dict]:
+    """Every trial's ``live_progress.json`` under ``experiment``, by trial folder: ``status``'s one reader
+    of files the trials write (the place to point at remote storage)."""
+    return {
+        f.parent.name: json.loads(f.read_text()) for f in sorted(Path(experiment).glob(f"*/{PROGRESS_FILE}"))
+    }
+
+
+def allowed_silence_s(record: dict) -> float:
+    """How long a live trial may go without writing progress: STALL_EPOCHS epochs, STALL_MIN_S at least;
+    STALL_START_S while it starts and has timed nothing."""
+    if record.get("epoch_s"):
+        return max(STALL_EPOCHS * record["epoch_s"], STALL_MIN_S)
+    return STALL_START_S
+
+
+def stalled(records: list[dict], now: float) -> tuple[float, float] | None:
+    """(silence, allowed silence) when the newest of an experiment's progress records is older than its
+    allowance, else None."""
+    if not records:
+        return None
+    newest = max(records, key=lambda r: r["updated"])
+    silence, allowed = now - newest["updated"], allowed_silence_s(newest)
+    return (silence, allowed) if silence > allowed else None
+
+
+def describe_progress(record: dict, now: float) -> str:
+    """One trial's place inside its epoch and what is left, counted from now."""
+    since = now - record["updated"]
+    head = f"{record['trial']}: "
+    if record["state"] == "starting":
+        return f"{head}starting (for {format_seconds(now - record['started'])})"
+    epoch, epochs = record["epoch"], record["epochs"]
+    if record["state"] in ("finished", "diverged"):
+        return f"{head}{record['state']} at epoch {epoch}/{epochs}"
+    step, steps = record["step"], record["steps_per_epoch"]
+    where = {
+        "training": f"epoch {epoch}/{epochs}, step {step}/{steps} ({100 * step / steps:.0f} %)",
+        "validating": f"epoch {epoch}/{epochs}, validating",
+        "validated": f"epoch {epoch}/{epochs} done",
+    }[record["state"]]
+    run_eta = max(0.0, record["run_eta_s"] - since)
+    finish = datetime.fromtimestamp(now + run_eta, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    eta = f"run ETA {format_seconds(run_eta)} (about {finish})"
+    if not record["validation_measured"]:
+        eta += " plus validation, not timed yet"
+    if record["state"] == "training":
+        eta = f"epoch ETA {format_seconds(max(0.0, record['epoch_eta_s'] - since))}, {eta}"
+    return (
+        f"{head}{where}, {record['samples_per_s']:.0f} samples/s, loss {record['loss']:.4f}; {eta}; "
+        f"updated {format_seconds(since)} ago"
+    )
+
+
+def live_lines(status: ExperimentStatus, now: float) -> list[str]:
+    """Each running trial's progress, and the ``stalled`` warning when the experiment has gone silent."""
+    tune_states = status.trials  # trial id -> Tune's status; a trial's folder name ends with its id
+    if not any(s in LIVE for s in tune_states.values()):
+        return []
+    records = read_progress(status.path)
+    live = {i for i, s in tune_states.items() if s in LIVE}
+    lines = [
+        f"    now {describe_progress(r, now)}"
+        for name, r in records.items()
+        if any(name.endswith(i) for i in live)
+    ]
+    silent = stalled(list(records.values()), now)
+    if silent:
+        silence, allowed = silent
+        lines.append(
+            f"    WARNING stalled: no trial has written progress for {format_seconds(silence)}, longer than the "
+            f"{format_seconds(allowed)} a live run may pause ({STALL_EPOCHS} epochs' time, "
+            f"{format_seconds(STALL_MIN_S)} at least; a trial writes every {WRITE_EVERY_S:g} s while it trains). "
+            "Its driver has probably died: if no python run.py process runs it any more, continue it with: "
+            f"python run.py resume {status.path}"
+        )
+    return lines
+
+
 def run_status(cfg: Config, command: str) -> list[str]:
     """Lines on run ``cfg.run.name``; ``command`` (the config file and overrides given) goes into the next step."""
     sweep = experiment_status(experiment_dir(cfg, "sweep"))
     train = experiment_status(experiment_dir(cfg, "train"))
+    now = time.time()
     lines = [f"[status] run {cfg.run.name!r} in {run_dir(cfg)}"]
-    lines += _sweep_lines(sweep, cfg) if sweep else ["  sweep     not started"]
-    lines += _train_lines(train, cfg) if train else ["  training  not started"]
+    lines += _sweep_lines(sweep, cfg) + live_lines(sweep, now) if sweep else ["  sweep     not started"]
+    lines += _train_lines(train, cfg) + live_lines(train, now) if train else ["  training  not started"]
     steps = [
         ("analyze", analysis_dir(cfg) / SWEET_SPOTS_FILE),
         ("crossover", final_dir(cfg) / CROSSOVER_FILE),
@@ -128,3 +230,21 @@ def next_step(cfg: Config, sweep, train, steps, command: str) -> str:
         if not f.is_file():
             return f"python run.py {name}{tail}"
     return f"nothing: every stage is done; results in {steps[-1][1]}"
+
+
+def print_status(cfg: Config, command: str, watch_s: float | None = None) -> None:
+    """``run.py status``: the lines once, or with ``watch_s`` every ``watch_s`` seconds until Ctrl-C (the
+    sweep's trials and the training alike)."""
+    if watch_s is None:
+        print("\n".join(run_status(cfg, command)))
+        return
+    try:
+        while True:
+            lines = run_status(cfg, command)
+            if sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")  # a fresh screen each time
+            stamp = datetime.now().strftime("%H:%M:%S")
+            print(f"[status] {stamp}, every {watch_s:g} s until Ctrl-C", *lines, sep="\n", flush=True)
+            time.sleep(watch_s)
+    except KeyboardInterrupt:
+        print()
