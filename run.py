@@ -7,12 +7,11 @@ A config file (default configs/default.yaml), then key=value overrides of any fi
 An error a user can cause prints one message (--debug: with its traceback).
 """
 
-from __future__ import annotations
-
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from tune.dashboard import ask_for_token_auth, start_dashboard  # imports no Ray: Ray reads RAY_AUTH_MODE once
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 RESUME_HELP = "the experiment, then overrides of optim.lr, optim.grad_clip, memory.*, resources.*"
@@ -98,21 +97,23 @@ def build_parser() -> Parser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     configured = Parser(add_help=False, parents=[common])
     configured.add_argument("args", nargs="*", metavar="[config.yaml] [key=value]", help="config, overrides")
+    launch = Parser(add_help=False, parents=[configured])  # the stages that train: Ray, and its dashboard
+    launch.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1")
 
     def add(name: str, func, about: str, parent: Parser = configured) -> Parser:
         sub = commands.add_parser(name, parents=[parent], help=about, description=about)
         sub.set_defaults(func=func, parser=sub)
         return sub
 
-    add("sweep", cmd_stage, "phase 1: the LR sweep")
-    train = add("train", cmd_train, "phase 2: the long training run")
+    add("sweep", cmd_stage, "phase 1: the LR sweep", launch)
+    train = add("train", cmd_train, "phase 2: the long training run", launch)
     train.add_argument("--lr-from", type=Path, metavar="PATH", help="a sweep's best_lr.json (or its run dir)")
     resume = add("resume", cmd_resume, "continue an interrupted sweep or training experiment", common)
     resume.add_argument("args", nargs="*", metavar="[<run dir>/train] [key=value]", help=RESUME_HELP)
     add("analyze", cmd_stage, "phase 3: sweet spots and figures")
     add("crossover", cmd_stage, "phase 4: the crossover model")
     add("report", cmd_stage, "test-split evaluation of every method")
-    every = add("all", cmd_all, "every stage; finished ones are reused, an interrupted one resumed")
+    every = add("all", cmd_all, "every stage; finished ones are reused, an interrupted one resumed", launch)
     every.add_argument("--seeds", type=positive_int, default=1, help="train N seeds (default 1)")
     status = add("status", cmd_status, "where the run stands, and the next command")
     status.add_argument("--watch", nargs="?", const=10, type=float, metavar="S", help="every S seconds (10)")
@@ -123,13 +124,12 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    if "ray" not in sys.modules:  # Ray reads it once, at import
-        # Ray 2.60 turns token authentication on for a new local cluster and warns so at every start unless
-        # asked for it; asking keeps it on, without the warning (README, "Ray's token"; disabled opts out).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ask_for_token_auth()  # Ray 2.60's token authentication, on without its warning (README, "Ray's token")
     from analysis.stages import USER_ERRORS
 
     try:
+        if getattr(ns, "dashboard", False):  # Ray starts now, with its dashboard; the stages then use it
+            start_dashboard(load(ns))
         ns.func(ns)
     except USER_ERRORS as exc:
         if ns.debug:

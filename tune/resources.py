@@ -17,10 +17,11 @@ from tune.config import Config
 log = logging.getLogger(__name__)
 
 
-def start_ray(cfg: Config, *, include_dashboard: bool | None = None) -> None:
-    """Start (or join) Ray with capped CPUs and object store; a no-op when Ray is already up."""
+def start_ray(cfg: Config, *, include_dashboard: bool | None = None):
+    """Start (or join) Ray with capped CPUs and object store; a no-op when Ray is already up.  Returns Ray's
+    context (its ``dashboard_url``), None when Ray was up already."""
     if ray.is_initialized():
-        return
+        return None
     # Trials resolve paths themselves; keep their working directory the driver's.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -28,12 +29,12 @@ def start_ray(cfg: Config, *, include_dashboard: bool | None = None) -> None:
     if r.address:
         # Joining a cluster: the code travels with the job (runtime_env py_modules), so the workers need
         # only the dependencies installed; paths were resolved in the driver (tune.config.resolve_paths).
-        ray.init(address=r.address, log_to_driver=True, runtime_env={"py_modules": code_modules()})
-        return
-    ray.init(
+        return ray.init(address=r.address, log_to_driver=True, runtime_env={"py_modules": code_modules()})
+    return ray.init(
         num_cpus=r.ray_num_cpus,
         object_store_memory=r.object_store_mb * 2**20,
         include_dashboard=include_dashboard,
+        dashboard_host="127.0.0.1",  # this machine only, never every interface (tune/dashboard.py)
         configure_logging=True,
         logging_level=logging.WARNING,
     )
