@@ -144,8 +144,9 @@ def stalled(records: list[dict], now: float) -> tuple[float, float] | None:
     return (silence, allowed) if silence > allowed else None
 
 
-def describe_progress(record: dict, now: float) -> str:
-    """One trial's place inside its epoch and what is left, counted from now."""
+def describe_progress(record: dict, now: float, *, live: bool = True) -> str:
+    """One trial's place inside its epoch and what is left, counted from now (``live``; else only where
+    it was when it last wrote)."""
     since = now - record["updated"]
     head = f"{record['trial']}: "
     if record["state"] == "starting":
@@ -159,6 +160,8 @@ def describe_progress(record: dict, now: float) -> str:
         "validating": f"epoch {epoch}/{epochs}, validating",
         "validated": f"epoch {epoch}/{epochs} done",
     }[record["state"]]
+    if not live:
+        return f"{head}{where}; written {format_seconds(since)} ago"
     run_eta = max(0.0, record["run_eta_s"] - since)
     finish = datetime.fromtimestamp(now + run_eta, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     eta = f"run ETA {format_seconds(run_eta)} (about {finish})"
@@ -174,17 +177,16 @@ def describe_progress(record: dict, now: float) -> str:
 
 def live_lines(status: ExperimentStatus, now: float) -> list[str]:
     """Each running trial's progress, and the ``stalled`` warning when the experiment has gone silent."""
-    tune_states = status.trials  # trial id -> Tune's status; a trial's folder name ends with its id
-    if not any(s in LIVE for s in tune_states.values()):
+    live = {i for i, s in status.trials.items() if s in LIVE}  # Tune's ids; a trial's folder ends with its id
+    if not live:
         return []
     records = read_progress(status.path)
-    live = {i for i, s in tune_states.items() if s in LIVE}
+    silent = stalled(list(records.values()), now)
     lines = [
-        f"    now {describe_progress(r, now)}"
+        f"    {'last' if silent else 'now'} {describe_progress(r, now, live=not silent)}"
         for name, r in records.items()
         if any(name.endswith(i) for i in live)
     ]
-    silent = stalled(list(records.values()), now)
     if silent:
         silence, allowed = silent
         lines.append(

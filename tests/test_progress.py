@@ -84,10 +84,12 @@ def test_eta_of_later_epochs_takes_the_measured_epochs_and_their_validation():
 
 
 def test_durations_read_as_a_person_says_them():
-    assert [format_seconds(s) for s in (0.42, 45, 725, 12_000, 190_000)] == [
+    assert [format_seconds(s) for s in (0.42, 45, 120, 725, 10_800, 12_000, 190_000)] == [
         "0.4 s",
         "45 s",
+        "2 min",
         "12 min 5 s",
+        "3 h",
         "3 h 20 min",
         "2 d 4 h",
     ]
@@ -228,7 +230,10 @@ def test_status_names_a_dead_driver_and_the_resume_command(tmp_path):
     silence = STALL_EPOCHS * 45.0 + STALL_MIN_S  # longer than 3 epochs and than the floor
     write_trials(tmp_path, record("lr_1.00e-03_bbbbb_00000", "training", now - silence))
     status = SimpleNamespace(path=tmp_path, trials={"bbbbb_00000": "RUNNING"})
-    warning = live_lines(status, now)[-1]
+    last, warning = live_lines(status, now)
+    assert (
+        last.strip() == "last lr_1.00e-03_bbbbb_00000: epoch 2/5, step 10/40 (25 %); written 4 min 15 s ago"
+    )
     assert warning.strip().startswith("WARNING stalled: no trial has written progress for 4 min 15 s")
     assert warning.endswith(f"continue it with: python run.py resume {tmp_path}")
     # the same silence after Tune recorded the end: no warning, nothing live

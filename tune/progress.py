@@ -86,19 +86,21 @@ def estimate(
 
 
 def format_seconds(seconds: float) -> str:
-    """A duration as a person reads it: '0.4 s', '45 s', '12 min 5 s', '3 h 20 min', '2 d 4 h'."""
+    """A duration as a person reads it: '0.4 s', '45 s', '2 min', '12 min 5 s', '3 h 20 min', '2 d 4 h'."""
     if not math.isfinite(seconds):
         return "?"
     if seconds < 10:
         return f"{max(0.0, seconds):.1f} s"
     s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
+    for big, unit, small, small_unit in (
+        (86400, "d", 3600, "h"),
+        (3600, "h", 60, "min"),
+        (60, "min", 1, "s"),
+    ):
+        if s >= big:
+            rest = s % big // small
+            return f"{s // big} {unit}" + (f" {rest} {small_unit}" if rest else "")
+    return f"{s} s"
 
 
 def step_memory(placement, epoch: int, step: int) -> tuple[int | None, int]:
