@@ -36,11 +36,11 @@ def split(ns: argparse.Namespace, what: str = "config file") -> tuple[str | None
     return (paths[0] if paths else None), [a for a in ns.args if "=" in a]
 
 
-def load(ns: argparse.Namespace):
-    from tune.config import load_config
+def load(ns: argparse.Namespace):  # paths made absolute once, here: trials may run elsewhere
+    from tune.config import load_config, resolve_paths
 
     path, overrides = split(ns)
-    return load_config(path or DEFAULT_CONFIG, overrides)
+    return resolve_paths(load_config(path or DEFAULT_CONFIG, overrides))
 
 
 def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep result is used
@@ -68,7 +68,7 @@ def cmd_resume(ns):
     from tune.layout import experiment_dir
 
     where, overrides = split(ns, "experiment directory")
-    resume_stage(Path(where) if where else experiment_dir(load_config(DEFAULT_CONFIG), "train"), overrides)
+    resume_stage(where or experiment_dir(load_config(DEFAULT_CONFIG), "train"), overrides)
 
 
 def cmd_all(ns):

@@ -16,6 +16,7 @@ checkpoints, selection, evaluation): run.py prints them as one message.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ import torch
 
 from analysis.crossover import CrossoverError
 from analysis.evaluate import EvaluationError
-from analysis.experiment import ExperimentReadError, load_training_run
+from analysis.experiment import ExperimentReadError
 from analysis.figures import learning_curves_figure, lr_sweep_figure
 from analysis.pipeline import (
     RESULTS_FILE,
@@ -35,11 +36,12 @@ from analysis.pipeline import (
 )
 from analysis.sweet_spots import SweetSpotError
 from tune.checkpoints import CheckpointError
-from tune.config import Config, ConfigError, cache_dir
+from tune.config import Config, ConfigError, RunConfigSection, cache_dir, is_uri
 from tune.data import DataError, prepare_data
-from tune.layout import analysis_dir, best_lr_path, experiment_dir, final_dir, sweep_outputs_dir
+from tune.layout import CONFIG_FILE, analysis_dir, best_lr_path, experiment_dir, final_dir, sweep_outputs_dir
 from tune.memory import PlanError, cpu_budget, plan_for, planning_budget
-from tune.runner import ExperimentError, resume_config
+from tune.runner import ExperimentError, dedupe_epochs, resume_config
+from tune.storage import fetch, publish
 from tune.sweep import SweepResult, run_sweep
 from tune.train import run_train, with_lr
 
@@ -82,6 +84,7 @@ def sweep_stage(cfg: Config) -> SweepResult:
     _prepare(cfg)
     sweep = run_sweep(cfg)
     fig = lr_sweep_figure(sweep.rows(), sweep.best.lr, sweep_outputs_dir(cfg) / "lr_sweep.png")
+    publish(cfg, sweep_outputs_dir(cfg))
     print("[sweep] scores (lower is better):")
     for c in sweep.candidates:
         mark = "  <- chosen" if c is sweep.best else ""
@@ -95,31 +98,59 @@ def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False)
     """Train (or reuse, or resume) at ``cfg.optim.lr``, then draw the learning curves."""
     _prepare(cfg)
     results = run_train(cfg, lr_source, resume_unfinished=resume_unfinished)
-    run = load_training_run(experiment_dir(cfg, "train"), hashes=False)
-    fig = learning_curves_figure(run.epochs, analysis_dir(cfg) / "learning_curves.png", list(run.complete))
+    # From Tune's records, not the checkpoint files (a remote run's weights stay where they are).
+    epochs = dedupe_epochs(results[0].metrics_dataframe)
+    checkpoints = sorted(int(m["epoch"]) for _, m in results[0].best_checkpoints)
+    fig = learning_curves_figure(epochs, analysis_dir(cfg) / "learning_curves.png", checkpoints)
+    publish(cfg, fig, fig.with_suffix(".csv"))
     print(
-        f"[train] finished: {results[0].path}\n[train] {len(run.complete)} checkpoints; learning curves: {fig}"
+        f"[train] finished: {results[0].path}\n[train] {len(checkpoints)} checkpoints; learning curves: {fig}"
     )
 
 
-def resume_stage(path: Path, overrides: list[str] | None = None) -> None:
-    """Continue the sweep or training experiment at ``path`` with the config it was started with, and
-    the ``overrides`` a resume may make (``tune.runner.resume_config``)."""
-    path = Path(path).expanduser().resolve()
+def resume_stage(where: str | Path, overrides: list[str] | None = None) -> None:
+    """Continue the sweep or training experiment at ``where`` (a local ``<run dir>/<stage>`` or its URI in
+    remote storage) with the config it was started with, and the ``overrides`` a resume may make
+    (``tune.runner.resume_config``)."""
+    path, located = _experiment_at(str(where))
     cfg, stage = resume_config(path, list(overrides or []))
-    # Wherever the run directory is now, it is <output_root>/<run.name>/<stage>.
-    run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
-    cfg = dataclasses.replace(cfg, run=run)
-    print(f"[resume] {stage} experiment {path}")
+    if not located:  # a local run directory, wherever it is now: <output_root>/<run.name>/<stage>
+        run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
+        cfg = dataclasses.replace(cfg, run=run)
+    print(f"[resume] {stage} experiment {where}")
     if stage == "sweep":
         sweep_stage(cfg)
     else:
         train_stage(cfg, "the experiment's stored config", resume_unfinished=True)
 
 
+def _experiment_at(where: str) -> tuple[Path, bool]:
+    """The local path of the experiment at ``where``, and whether its stored config already says where its
+    run lives (a URI, or a local mirror of one)."""
+    if not is_uri(where):
+        path = Path(where).expanduser().resolve()
+        return path, is_uri(_stored_root(path) or "")
+    base, _, query = where.partition("?")
+    root, name, stage = base.rstrip("/").rsplit("/", 2)
+    probe = Config(run=RunConfigSection(output_root=f"{root}?{query}" if query else root, name=name))
+    path = fetch(probe, experiment_dir(probe, stage) / CONFIG_FILE).parent
+    return path, True
+
+
+def _stored_root(path: Path) -> str | None:
+    f = path / CONFIG_FILE
+    return json.loads(f.read_text())["config"]["run"]["output_root"] if f.is_file() else None
+
+
+def _training_run(cfg: Config) -> Path:
+    """The training experiment, with its checkpoints, in the local root (downloaded from a remote one)."""
+    return fetch(cfg, experiment_dir(cfg, "train"), weights=True)
+
+
 def analyze_stage(cfg: Config) -> None:
     out = analysis_dir(cfg)
-    report = analyze(experiment_dir(cfg, "train"), out)
+    report = analyze(_training_run(cfg), out)
+    publish(cfg, out)
     print("[analyze] sweet spots (epoch per group / independent module):")
     for unit, epoch in report["sweet_spots"].items():
         print(f"    {unit:<18} epoch {epoch}")
@@ -129,7 +160,8 @@ def analyze_stage(cfg: Config) -> None:
 
 
 def crossover_stage(cfg: Config) -> None:
-    summary = crossover(experiment_dir(cfg, "train"), final_dir(cfg))
+    summary = crossover(_training_run(cfg), final_dir(cfg))
+    publish(cfg, final_dir(cfg))
     print(f"[crossover] sweet spots {summary['sweet_spots']}")
     for delta, spots in summary["variants"].items():
         print(f"[crossover] variant {int(delta):+d}: {spots}")
@@ -138,7 +170,8 @@ def crossover_stage(cfg: Config) -> None:
 
 def _evaluate(cfg: Config) -> Path:
     """Test-split evaluation of every method of this run; prints the table, returns results.csv."""
-    results = evaluate_all(experiment_dir(cfg, "train"), analysis_dir(cfg), seed=cfg.run.seed)
+    results = evaluate_all(_training_run(cfg), analysis_dir(cfg), seed=cfg.run.seed)
+    publish(cfg, analysis_dir(cfg))
     cols = [c for c in results.columns if c.endswith(("_accuracy", "_mae")) or c == "fused_loss"]
     print(f"[report] {cfg.run.name}: test split (selection used validation only):")
     print(_table(results[["method", "seed", *cols]]))
@@ -148,6 +181,7 @@ def _evaluate(cfg: Config) -> Path:
 def report_stage(cfg: Config) -> None:
     results = _evaluate(cfg)
     summary = summarize_seeds([results], analysis_dir(cfg))
+    publish(cfg, analysis_dir(cfg))
     print(f"[report] {results}; figure: {summary['figure']}")
 
 
@@ -176,6 +210,7 @@ def all_stages(cfg: Config, *, seeds: int = 1, explicit_lr: bool = False) -> Non
         result_files.append(_evaluate(run))
     out = analysis_dir(cfg) if seeds == 1 else analysis_dir(cfg) / "seeds"
     summary = summarize_seeds(result_files, out)
+    publish(cfg, out)
     print(f"[all] mean ± std over {seeds} seed(s):\n{_table(summary['summary'])}")
     if seeds > 1:
         print(

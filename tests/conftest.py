@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+# As run.py does (Ray reads it at import, and conftest comes first): Ray's token authentication, so the
+# tests' own clusters and the run.py drivers they start agree (a driver and its cluster must).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 

@@ -88,8 +88,10 @@ def test_missing_manifest_means_incomplete(tmp_path):
 
 
 def test_drop_resume_state_keeps_checkpoint_valid(tmp_path):
+    import pyarrow.fs as pafs
+
     d = write(tmp_path)
-    drop_resume_state(d)
+    drop_resume_state(pafs.LocalFileSystem(), d)
     info = verify_checkpoint(d)
     assert not info.has_resume_state and not (d / "resume_state.pt").exists()
     assert "resume_state.pt" not in json.loads((d / "manifest.json").read_text())["files"]

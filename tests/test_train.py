@@ -168,7 +168,37 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     assert list(df["epoch"]) == [1, 2, 3, 4, 5, 6]  # no duplicated epochs after the resume
     ref_df = load_training_run(ref_root / "smoke" / "train").epochs
     assert df["val_loss"].tolist() == ref_df["val_loss"].tolist()
+    deadline = time.time() + 30  # the last driver's Ray processes take a moment to go
+    while time.time() < deadline and _ray_processes() - before:
+        time.sleep(0.5)
     assert not (_ray_processes() - before)
+
+
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint_bit_identically(tmp_path, data_cache):
+    """SIGKILL the trial's worker process (as a dying node would take it) after the second checkpoint:
+    the run finishes by itself (resources.max_failures) from that checkpoint, with the weights of an
+    uninterrupted run."""
+    ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
+    _finish(_run(["train"], ref_root, data_cache))
+    proc = _run(["train"], cut_root, data_cache)
+    exp = cut_root / "smoke" / "train"
+    _wait_for_checkpoint(proc, exp, 4)
+    workers = [p for p in _ray_processes() if os.getsid(p) == proc.pid and "ImplicitFunc" in _cmdline(p)]
+    assert len(workers) == 1, [(p, _cmdline(p)) for p in workers]
+    os.kill(workers[0], signal.SIGKILL)
+    out = _finish(proc)
+    assert "resumed train trial at epoch 5" in out  # restarted from checkpoint 4, not from scratch
+    ref, cut = checkpoints_of(ref_root / "smoke" / "train"), checkpoints_of(exp)
+    assert sorted(ref) == sorted(cut) == [2, 4, 6]
+    a, b = load_model_state(ref[6]), load_model_state(cut[6])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return ""
 
 
 def test_ctrl_c_leaves_no_ray_process_behind(tmp_path, data_cache):

@@ -129,16 +129,28 @@ def write_checkpoint(
     return directory
 
 
-def drop_resume_state(directory: Path) -> None:
-    """Remove a checkpoint's resume state and rewrite its manifest (the weights stay untouched)."""
-    directory = Path(directory)
-    target = directory / RESUME_STATE
-    if not target.exists():
+def drop_resume_state(fs, directory: str | Path) -> None:
+    """Remove a checkpoint's resume state and rewrite its manifest (the weights stay untouched).
+
+    ``fs`` is the pyarrow filesystem the checkpoint lives on (a local directory or a bucket): the
+    manifest is written first, so it never lists a missing file.
+    """
+    import pyarrow.fs as pafs
+
+    directory = str(directory)
+    target, manifest_path = f"{directory}/{RESUME_STATE}", f"{directory}/{MANIFEST}"
+    if fs.get_file_info(target).type == pafs.FileType.NotFound:
         return
-    manifest = json.loads((directory / MANIFEST).read_text())
+    with fs.open_input_stream(manifest_path) as f:
+        manifest = json.loads(f.readall())
     manifest["files"].pop(RESUME_STATE, None)
-    write_json_atomic(directory / MANIFEST, manifest)  # first the manifest, so it never lists a missing file
-    target.unlink()
+    text = json.dumps(manifest, indent=2).encode()
+    if isinstance(fs, pafs.LocalFileSystem):
+        write_json_atomic(Path(manifest_path), manifest)
+    else:  # an object store replaces an object whole: the write is atomic by itself
+        with fs.open_output_stream(manifest_path) as f:
+            f.write(text)
+    fs.delete_file(target)
 
 
 # ---------------------------------------------------------------------------

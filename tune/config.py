@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -52,7 +53,13 @@ class RunConfigSection:
     """Run name: every output of the run lives under <output_root>/<name>/ (sweep/, train/, lr_sweep/,
     analysis/, final/)."""
     output_root: str = "runs"
-    """The one directory everything is written under (relative paths are taken from the working directory)."""
+    """Where everything is written: a directory (relative to the working directory) or a URI Ray and
+    pyarrow can write (s3://bucket/runs, gs://..., file:///shared/runs; an S3-compatible server takes
+    pyarrow's options: s3://bucket/runs?endpoint_override=host:9000&scheme=http).  On a cluster it must be
+    a place every node reaches: shared storage or a bucket."""
+    local_dir: str | None = None
+    """With a URI output_root: the local mirror the pipeline reads and writes through (downloads for the
+    analysis, files written before their upload); null means runs/mirror/<scheme>/<host>/<path>."""
     seed: int = 0
     """Seed for Python, NumPy and torch in every trial; the data split has its own seed."""
 
@@ -120,6 +127,9 @@ class SweepConfig:
     """Trials for optuna search (grid runs each LR once)."""
     asha: bool = False
     """Stop weak optuna trials early with ASHA."""
+    max_concurrent: int = 1
+    """Trials running at once: 1 is the spec's sweep, one LR after another on one card; on a cluster
+    every LR can run at once (each trial still asks for resources.cpus_per_trial and resources.gpu)."""
     overfit_weight: float = 0.1
     """Selection score = mean(last 3 val losses) + overfit_weight * |train - val| at the last epoch."""
 
@@ -150,6 +160,10 @@ class ResourcesConfig:
     """Object store size for a local Ray; trials read data from disk, so little is needed."""
     address: str | None = None
     """Address of an existing Ray cluster ('auto' or host:port); null starts a local one."""
+    max_failures: int = 2
+    """A trial whose worker or node dies is restarted this many times, from its newest complete
+    checkpoint (a training trial continues bit-identically; a sweep trial starts over).  A NaN loss is
+    not retried: the same settings diverge again."""
     torch_threads: int | None = None
     """torch.set_num_threads in each trial (null: the CPUs Ray gave the trial, less one when that is
     every core of the machine, for Ray's own processes)."""
@@ -385,6 +399,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     )
     need(s.epochs >= 3, "sweep.epochs: the selection rule averages the last 3 epochs, so at least 3")
     need(s.num_samples >= 1, "sweep.num_samples: must be >= 1")
+    need(s.max_concurrent >= 1, "sweep.max_concurrent: must be >= 1")
+    need(r.max_failures >= 0, "resources.max_failures: must be >= 0")
     need(
         s.search == "grid" or len(s.lrs) >= 2,
         "sweep.lrs: optuna search needs at least two values (the range's ends)",
@@ -478,13 +494,45 @@ def config_to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def output_root(cfg: Config) -> Path:
-    """The run's output root as an absolute path (Ray needs absolute storage paths)."""
-    return Path(cfg.run.output_root).expanduser().resolve()
+def is_uri(text: str) -> bool:
+    return "://" in text
+
+
+def local_root(cfg: Config) -> Path:
+    """The directory the pipeline reads and writes a run's files through: the output root itself, or for a
+    URI root its local mirror (``run.local_dir``, else ``runs/mirror/<scheme>/<host>/<path>``)."""
+    root = cfg.run.output_root
+    if not is_uri(root):
+        return Path(root).expanduser().resolve()
+    parts = urlsplit(root)
+    if parts.scheme == "file":
+        return Path(parts.path)
+    if cfg.run.local_dir:
+        return Path(cfg.run.local_dir).expanduser().resolve()
+    return (Path("runs") / "mirror" / parts.scheme / parts.netloc / parts.path.strip("/")).resolve()
 
 
 def cache_dir(cfg: Config) -> Path:
-    """Where downloads and encodings are cached."""
+    """Where downloads and encodings are cached: ``data.cache_dir``, else ``<local root>/cache``."""
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir).expanduser().resolve()
-    return output_root(cfg) / "cache"
+    return local_root(cfg) / "cache"
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """``cfg`` with every local path made absolute, once, in the driver: a trial on another node, or in
+    another working directory, must not resolve them again.  A URI stays as it is."""
+    run, data = cfg.run, cfg.data
+
+    def absolute(p: str) -> str:
+        return p if is_uri(p) else str(Path(p).expanduser().resolve())
+
+    run = dataclasses.replace(
+        run,
+        output_root=absolute(run.output_root),
+        local_dir=str(local_root(cfg)) if is_uri(run.output_root) else run.local_dir,
+    )
+    data = dataclasses.replace(
+        data, path=absolute(data.path) if data.path else None, cache_dir=str(cache_dir(cfg))
+    )
+    return dataclasses.replace(cfg, run=run, data=data)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tune.config import Config, output_root
+from tune.config import Config, local_root
 
 STAGES = ("sweep", "train")
 """The two Tune experiments of a run, each in ``<run dir>/<stage>``."""
@@ -26,7 +26,7 @@ BEST_LR_FILE = "best_lr.json"
 
 
 def run_dir(cfg: Config) -> Path:
-    return output_root(cfg) / cfg.run.name
+    return local_root(cfg) / cfg.run.name
 
 
 def experiment_dir(cfg: Config, stage: str) -> Path:

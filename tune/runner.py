@@ -22,6 +22,7 @@ from ray.tune import (
     Callback,
     CheckpointConfig,
     ExperimentAnalysis,
+    FailureConfig,
     ResultGrid,
     RunConfig,
     TuneConfig,
@@ -31,10 +32,12 @@ from ray.tune import (
 )
 from ray.tune.experiment import Trial
 
-from tune.config import Config, cache_dir, config_from_dict, config_to_dict, with_overrides
+from tune.checkpoints import MANIFEST, drop_resume_state
+from tune.config import Config, cache_dir, config_from_dict, config_to_dict, is_uri, with_overrides
 from tune.files import write_json_atomic
 from tune.layout import CONFIG_FILE, SPLIT_FILE, experiment_dir
 from tune.resources import trial_resources
+from tune.storage import publish, storage
 from tune.trainable import run_trial
 
 # Keep Tune's experiment-state snapshot fresh, so a killed driver resumes from its newest checkpoint.
@@ -79,7 +82,51 @@ def trial_name(trial: Trial) -> str:
 
 
 def trainable_for(cfg: Config, stage: str):
-    return with_resources(with_parameters(run_trial, cfg=cfg, stage=stage), trial_resources(cfg))
+    """The trial function with its config (and, on a cluster, its data) bound, and its resource request.
+
+    On a cluster (``resources.address``) the workers may not share the driver's filesystem, so the
+    encoded data travels through Ray's object store, compacted to its own rows; on one machine the
+    trials read the same encoding cache as the driver.
+    """
+    shipped = {}
+    if cfg.resources.address:
+        from tune.data import prepare_data
+
+        shipped["data"] = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).compacted()
+    return with_resources(with_parameters(run_trial, cfg=cfg, stage=stage, **shipped), trial_resources(cfg))
+
+
+class ResumeStatePruner(Callback):
+    """Keeps the resume state (optimizer, RNGs) in the newest checkpoints only, wherever they are stored.
+
+    It runs in the driver after every persisted checkpoint, on the storage's own filesystem (a local
+    directory or a bucket): while training the newest two keep it (a driver killed before its experiment
+    snapshot names the newest checkpoint still finds one to resume from); after the last epoch only the
+    newest.  ``train.keep_resume_state: all`` keeps it everywhere.
+    """
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        last = (trial.last_result or {}).get("epoch") == self.epochs
+        prune_resume_states(checkpoint.filesystem, checkpoint.path.rsplit("/", 1)[0], keep=1 if last else 2)
+
+
+def prune_resume_states(fs, trial_dir: str, keep: int) -> None:
+    """Drop the resume state of all but the ``keep`` newest complete checkpoints in ``trial_dir`` (on ``fs``)."""
+    import pyarrow.fs as pafs
+
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        meta = f"{info.path}/meta.json"
+        if fs.get_file_info([f"{info.path}/{MANIFEST}", meta])[0].type == pafs.FileType.File:
+            with fs.open_input_stream(meta) as f:
+                found.append((json.loads(f.readall())["epoch"], info.path))
+    for _, directory in sorted(found, reverse=True)[keep:]:
+        drop_resume_state(fs, directory)
 
 
 # ---------------------------------------------------------------------------
@@ -137,6 +184,7 @@ NO_RESULT_CHANGE = (
     "memory",
     "run.name",
     "run.output_root",
+    "run.local_dir",
     "data.cache_dir",
     "train.progress_every_s",
 )
@@ -164,6 +212,12 @@ def config_differences(
     ``every_field``, of every field that differs)."""
     skip = ignore if every_field else (*NO_RESULT_CHANGE, *ignore)
     a, b = _flatten(config_to_dict(stored)), _flatten(config_to_dict(current))
+    for flat in (
+        a,
+        b,
+    ):  # a data file named relative to the working directory, then made absolute, is the same
+        if flat.get("data.path") and not is_uri(flat["data.path"]):
+            flat["data.path"] = str(Path(flat["data.path"]).expanduser().resolve())
     return [
         (key, a.get(key, "<absent>"), b.get(key, "<absent>"))
         for key in sorted(a.keys() | b.keys())
@@ -178,6 +232,7 @@ def save_experiment_config(cfg: Config, path: Path, stage: str) -> None:
     write_json_atomic(path / CONFIG_FILE, {"stage": stage, "config": config_to_dict(cfg)})
     split = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).split_record()
     write_json_atomic(path / SPLIT_FILE, split)
+    publish(cfg, path / CONFIG_FILE, path / SPLIT_FILE)
 
 
 def load_experiment_config(path: Path) -> tuple[Config, str]:
@@ -223,6 +278,7 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[Config, str]:
         }
     )
     write_json_atomic(path / CONFIG_FILE, record)
+    publish(cfg, path / CONFIG_FILE)
     return cfg, stage
 
 
@@ -255,19 +311,38 @@ def check_same_config(path: Path, cfg: Config, stage: str) -> None:
 
 
 def fit(cfg: Config, stage: str, *, param_space: dict, tune_config: TuneConfig, epochs: int, resume: bool):
-    """Start a new experiment, or restore ``<run dir>/<stage>`` when ``resume`` is set."""
+    """Start a new experiment, or restore ``<run dir>/<stage>`` when ``resume`` is set.
+
+    The experiment lives in the run's storage (a local directory or a URI); a trial whose worker or
+    node dies is restarted from its newest checkpoint up to ``resources.max_failures`` times.
+    """
     path = experiment_dir(cfg, stage)
+    st = storage(cfg)
     trainable = trainable_for(cfg, stage)
-    print(f"[{stage}] Tune experiment {path}  (TensorBoard: tensorboard --logdir {path})", flush=True)
+    shown = st.display(f"{cfg.run.name}/{stage}") if st.remote else path
+    print(f"[{stage}] Tune experiment {shown}  (TensorBoard: tensorboard --logdir {shown})", flush=True)
+    # A local experiment is handed to Tune as a plain path, as Tune prefers; a remote one with its filesystem.
+    fs = st.fs if st.remote else None
     if resume:
-        tuner = Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-        # The restored run keeps its original RunConfig and TuneConfig: the epoch printer, the trial names.
+        tuner = Tuner.restore(
+            st.fs_path(f"{cfg.run.name}/{stage}"),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
+        # The restored run keeps its original RunConfig and TuneConfig: the callbacks, the trial names.
     else:
+        callbacks = [EpochPrinter(stage, epochs)]
+        if stage == "train" and cfg.train.keep_resume_state == "latest":
+            callbacks.append(ResumeStatePruner(epochs))
         run_config = RunConfig(
-            name=path.name,
-            storage_path=str(path.parent),
+            name=stage,
+            storage_path=st.fs_path(cfg.run.name),
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # all kept: the crossover needs every epoch
-            callbacks=[EpochPrinter(stage, epochs)],
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+            callbacks=callbacks,
             verbose=0,
         )
         named = dataclasses.replace(

@@ -28,6 +28,7 @@ from tune.runner import (
     fit,
     save_experiment_config,
 )
+from tune.storage import fetch
 from tune.trainable import EPOCH_COLUMNS, selection_score
 
 SWEEP_COLUMNS = EPOCH_COLUMNS
@@ -66,7 +67,9 @@ def select_lr(candidates: list[Candidate]) -> Candidate:
 def _search_setup(cfg: Config) -> tuple[dict, TuneConfig]:
     s = cfg.sweep
     if s.search == "grid":
-        return {"lr": grid_search(list(s.lrs))}, TuneConfig(max_concurrent_trials=1, num_samples=1)
+        return {"lr": grid_search(list(s.lrs))}, TuneConfig(
+            max_concurrent_trials=s.max_concurrent, num_samples=1
+        )
     from ray.tune.search.optuna import OptunaSearch
 
     scheduler = None
@@ -82,14 +85,14 @@ def _search_setup(cfg: Config) -> tuple[dict, TuneConfig]:
         search_alg=searcher,
         scheduler=scheduler,
         num_samples=s.num_samples,
-        max_concurrent_trials=1,
+        max_concurrent_trials=s.max_concurrent,
     )
     return space, tc
 
 
 def run_sweep(cfg: Config) -> SweepResult:
     """Run (or finish, or reuse) the sweep experiment, write its outputs, return every candidate and the best."""
-    path = experiment_dir(cfg, "sweep")
+    path = fetch(cfg, experiment_dir(cfg, "sweep"), weights=False)  # a remote root: its records first
     status = experiment_status(path)
     if status is None:
         save_experiment_config(cfg, path, "sweep")

@@ -30,6 +30,7 @@ from tune.runner import (
     load_experiment_config,
     save_experiment_config,
 )
+from tune.storage import fetch, publish
 
 SWEEP_SETTINGS = ("sweep", "train", "optim.lr", "run.seed")
 """Fields a sweep's LR does not depend on: the sweep's own search, the training's length, the LR itself
@@ -118,7 +119,7 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
     (else refused with the resume command), in both cases only with the config it was
     started with.  Returns Tune's ResultGrid.
     """
-    path = experiment_dir(cfg, "train")
+    path = fetch(cfg, experiment_dir(cfg, "train"), weights=False)  # a remote root: its records, not weights
     status = experiment_status(path)
     if status is not None:
         check_same_config(path, cfg, "train")
@@ -134,6 +135,7 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
         print(f"[train] peak LR {cfg.optim.lr:.2e} from {lr_source}")
         save_experiment_config(cfg, path, "train")
         write_json_atomic(path / "session_info.json", session_info(cfg, lr_source))
+        publish(cfg, path / "session_info.json")
     results = fit(
         cfg,
         "train",
@@ -154,4 +156,5 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
             "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)},
         },
     )
+    publish(cfg, path / "session_info_final.json")
     return results

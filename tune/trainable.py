@@ -21,10 +21,8 @@ from ray.tune import Checkpoint, get_checkpoint, report
 from model.groups import GROUPS, MODULE_TASK
 from tune import __version__
 from tune.checkpoints import (
-    MANIFEST,
     CheckpointError,
     capture_rng,
-    drop_resume_state,
     load_model_state,
     load_resume_state,
     restore_rng,
@@ -33,6 +31,7 @@ from tune.checkpoints import (
 )
 from tune.config import Config, cache_dir, config_to_dict
 from tune.data import EncodedData, prepare_data
+from tune.files import write_json_atomic
 from tune.loop import (
     NonFiniteLossError,
     TrainingState,
@@ -77,8 +76,10 @@ def selection_score(train_losses: list[float], val_losses: list[float], overfit_
     return float(np.mean(last)) + overfit_weight * abs(train_losses[-1] - val_losses[-1])
 
 
-def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
-    """One Tune trial: ``params["lr"]`` is the peak learning rate."""
+def run_trial(params: dict, *, cfg: Config, stage: str, data: EncodedData | None = None) -> None:
+    """One Tune trial: ``params["lr"]`` is the sweep trial's peak learning rate (a training run's is
+    ``cfg.optim.lr``).  ``data``: the encoded data, shipped through the object store on a cluster
+    (``tune.runner.trainable_for``); else it is read from the encoding cache."""
     assert stage in STAGES, stage
     # The training run's LR is its config's (a resume may lower it after a NaN); the sweep's is the trial's.
     lr = cfg.optim.lr if stage == "train" else float(params["lr"])
@@ -94,7 +95,8 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
     configure_allocator()  # before the first CUDA allocation of this worker
     device = trial_device(ray.get_gpu_ids())
     budget = trial_budget(cfg, device, cfg.resources.gpu)
-    data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    if data is None:
+        data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
     state = build_training(cfg, data, lr, epochs, device, budget=budget)
     if state.placement.managed:
         log.warning(
@@ -114,6 +116,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
             start = restore(state, Path(ckpt_dir), cfg, data) + 1
             history = json.loads((Path(ckpt_dir) / "meta.json").read_text())["loss_history"]
         log.warning("resumed %s trial at epoch %d from %s", stage, start, checkpoint.path)
+    refuse_known_divergence(cfg, lr)
 
     for epoch in range(start, epochs + 1):
         save = stage == "train" and is_checkpoint_epoch(epoch, cfg)
@@ -125,6 +128,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
             )
         except NonFiniteLossError as exc:
             if stage != "sweep":
+                remember_divergence(cfg, lr, exc)
                 raise  # training stops with the error; earlier checkpoints stay intact
             # In the sweep a diverging LR is a result, not a failure: record it and end this trial.
             log.warning("lr %.1e diverged: %s", lr, exc)
@@ -147,6 +151,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
         history["val"].append(val.loss)
         metrics = epoch_metrics(epoch, tr, val, device, cfg, history, lr, data.tasks)
         metrics.update(memory_metrics(state, tr))
+        metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which node of a cluster ran it
         if not save:
             report(metrics)
             continue
@@ -174,14 +179,37 @@ def run_trial(params: dict, *, cfg: Config, stage: str) -> None:
                 model_state=state.model.state_dict(),
                 metrics=detail,
                 meta=meta,
-                resume_state=resume_state(state, epoch),  # older checkpoints' copies are pruned below
+                resume_state=resume_state(state, epoch),  # the driver prunes older copies (ResumeStatePruner)
             )
             report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
         lr_log, moves, trace = [], [], []
-        if cfg.train.keep_resume_state == "latest":
-            persisted = get_checkpoint()  # after report(): the copy Tune persisted in the trial's storage dir
-            if persisted is not None and _is_local(persisted):
-                prune_resume_states(Path(persisted.path).parent, keep=1 if epoch == epochs else 2)
+
+
+DIVERGED_FILE = "diverged.json"
+"""In a training trial's directory: the settings a NaN loss came with, so a restart does not try them again."""
+
+
+def remember_divergence(cfg: Config, lr: float, exc: NonFiniteLossError) -> None:
+    """Note the LR and clipping that diverged, for ``refuse_known_divergence``."""
+    from ray.tune import get_context
+
+    record = {"lr": lr, "grad_clip": cfg.optim.grad_clip, "error": str(exc)}
+    write_json_atomic(Path(get_context().get_trial_dir()) / DIVERGED_FILE, record)
+
+
+def refuse_known_divergence(cfg: Config, lr: float) -> None:
+    """A restarted training trial (resources.max_failures) whose settings already gave a NaN loss stops at
+    once: the same settings diverge again, so retrying would only repeat epochs.  A resume with a new LR or
+    clipping (``run.py resume ... optim.lr=``) goes on."""
+    from ray.tune import get_context
+
+    path = Path(get_context().get_trial_dir()) / DIVERGED_FILE
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    if record["lr"] == lr and record["grad_clip"] == cfg.optim.grad_clip:
+        raise NonFiniteLossError(f"{record['error']} (not retried: the same LR and clipping diverged before)")
+    path.unlink()
 
 
 def epoch_metrics(epoch, tr, val, device, cfg: Config, history, lr: float, tasks) -> dict:
@@ -322,25 +350,3 @@ def restore(state: TrainingState, directory: Path, cfg: Config, data: EncodedDat
     state.generator.set_state(rs["generator"])
     restore_rng(rs["rng"])
     return int(rs["epoch"])
-
-
-def _is_local(checkpoint: Checkpoint) -> bool:
-    import pyarrow.fs
-
-    return isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
-
-
-def prune_resume_states(trial_dir: Path, keep: int) -> None:
-    """Drop resume state from all but the ``keep`` newest complete checkpoints of this trial.
-
-    While training, the newest two keep it, so a driver killed before its
-    experiment snapshot names the newest checkpoint can still resume from the
-    one before; at the last epoch only the newest keeps it.
-    """
-    found = []
-    for d in trial_dir.glob("checkpoint_*"):
-        meta = d / "meta.json"
-        if (d / MANIFEST).is_file() and meta.is_file():
-            found.append((json.loads(meta.read_text())["epoch"], d))
-    for _, d in sorted(found, reverse=True)[keep:]:
-        drop_resume_state(d)

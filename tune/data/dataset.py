@@ -8,6 +8,7 @@ and restores (exact resume).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -164,6 +165,16 @@ class EncodedData:
     def input_dim(self) -> int:
         """E: width of the token embeddings and the pooled vector."""
         return int(self.pooled.shape[1])
+
+    def compacted(self) -> EncodedData:
+        """This data with its own token rows only, in one array: ``tokens`` is usually a memory map of the
+        whole encoding cache, which may hold other texts; this copy is what travels to a cluster's
+        workers through Ray's object store (they may not share the cache's filesystem)."""
+        tokens = np.concatenate(
+            [self.tokens[s : s + n] for s, n in zip(self.token_start, self.token_length, strict=True)]
+        )
+        starts = np.concatenate([[0], np.cumsum(self.token_length)[:-1]]).astype(np.int64)
+        return dataclasses.replace(self, tokens=tokens, token_start=starts)
 
     def split_record(self) -> dict[str, Any]:
         """The split as JSON-ready data, for the trainer to save beside its checkpoints."""
