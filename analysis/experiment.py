@@ -81,8 +81,9 @@ def _epoch_key(r: CheckpointRecord) -> tuple[int, str]:
 # Tune's records
 
 
-def _open_tune_result(path: Path):
-    """The experiment's single training trial as a ray.tune Result."""
+def _open_tune_result(path: Path, trial: str | None = None):
+    """The experiment's training trial as a ray.tune Result: its single one, or the one whose folder name
+    starts with ``trial`` (``seed3_``: a trial of several seeds' training)."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     if not path.is_dir():
@@ -92,12 +93,12 @@ def _open_tune_result(path: Path):
     except ValueError as exc:  # Ray's message: no experiment_state-*.json found
         raise ExperimentReadError(f"{path}: not a Tune experiment ({exc})") from exc
     grid = ResultGrid(analysis)
-    if len(grid) != 1:
-        raise ExperimentReadError(
-            f"{path}: {len(grid)} trials; a training experiment has exactly one (is this the sweep's folder?)"
-        )
-    status = analysis.trials[0].status
-    return grid[0], status
+    picked = [i for i in range(len(grid)) if trial is None or Path(grid[i].path).name.startswith(trial)]
+    if len(picked) != 1:
+        want = "exactly one trial (is this the sweep's folder?)" if trial is None else f"one trial {trial}*"
+        raise ExperimentReadError(f"{path}: {len(picked)} of its {len(grid)} trials match; expected {want}")
+    status = analysis.trials[picked[0]].status
+    return grid[picked[0]], status
 
 
 # ---------------------------------------------------------------------------
@@ -224,13 +225,16 @@ def tables_from_checkpoints(infos: Iterable[CheckpointInfo]) -> tuple[pd.DataFra
     return wide, long
 
 
-def load_training_run(experiment_dir: str | Path, *, hashes: bool = True) -> TrainingRun:
+def load_training_run(
+    experiment_dir: str | Path, *, hashes: bool = True, trial: str | None = None
+) -> TrainingRun:
     """Read a training experiment; broken checkpoints are warned about, recorded, and left out.
 
-    ``hashes=False`` skips the sha256 check (sizes are still checked) for a quick look at a big run.
+    ``hashes=False`` skips the sha256 check (sizes are still checked) for a quick look at a big run;
+    ``trial``: which trial of an experiment with several (``seed3_``), by the start of its folder name.
     """
     path = Path(experiment_dir).expanduser().resolve()
-    result, status = _open_tune_result(path)
+    result, status = _open_tune_result(path, trial)
     if result.metrics_dataframe is None or result.metrics_dataframe.empty:
         raise ExperimentReadError(
             f"{result.path}: Tune recorded no results for this trial (result.json / progress.csv empty or missing)"

@@ -49,11 +49,16 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
 
 
 def analyze(
-    experiment_dir: str | Path, out_dir: str | Path, *, rule: str = "spec", hashes: bool = True
+    experiment_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    rule: str = "spec",
+    hashes: bool = True,
+    trial: str | None = None,
 ) -> dict:
     """Phase 3: sweet spots of every unit (sweet_spots.json) and the learning-curve, heat-map and memory figures."""
     out = Path(out_dir)
-    run = load_training_run(experiment_dir, hashes=hashes)
+    run = load_training_run(experiment_dir, hashes=hashes, trial=trial)
     spots = select_sweet_spots(run.checkpoint_table, rule=rule)
     report = sweet_spot_report(run.checkpoint_table, spots, run.details, rule=rule)
     report["experiment"] = str(run.path)
@@ -77,6 +82,7 @@ def crossover(
     rule: str = "spec",
     save_variant_weights: bool = False,
     hashes: bool = True,
+    trial: str | None = None,
 ) -> dict:
     """Phase 4: the crossover model's weights (crossover.safetensors) and crossover.json.
 
@@ -88,7 +94,7 @@ def crossover(
     rebuilt exactly from the checkpoints and its recorded spots.
     """
     out = Path(out_dir)
-    run = load_training_run(experiment_dir, hashes=hashes)
+    run = load_training_run(experiment_dir, hashes=hashes, trial=trial)
     spots = select_sweet_spots(run.checkpoint_table, rule=rule)
     model, sources = build_crossover(spots, run.complete, run.meta, problems=_problems(run))
     weights = save_state_atomic(model.state_dict(), out / CROSSOVER_WEIGHTS, metadata={"kind": "crossover"})
@@ -130,6 +136,7 @@ def evaluate_all(
     device: str | None = None,
     data=None,
     hashes: bool = True,
+    trial: str | None = None,
 ) -> pd.DataFrame:
     """Select every method on validation data (selection.json), score each once on the test split (results.csv).
 
@@ -143,7 +150,7 @@ def evaluate_all(
     from tune.config import cache_dir, config_from_dict
 
     out = Path(out_dir)
-    run = load_training_run(experiment_dir, hashes=hashes)
+    run = load_training_run(experiment_dir, hashes=hashes, trial=trial)
     if not run.complete:
         raise EvaluationError(f"{run.path}: no complete checkpoint to evaluate")
     meta = run.meta[min(run.complete)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -38,12 +39,20 @@ from analysis.sweet_spots import SweetSpotError
 from tune.checkpoints import CheckpointError
 from tune.config import Config, ConfigError, RunConfigSection, cache_dir, is_uri
 from tune.data import DataError, prepare_data
-from tune.layout import CONFIG_FILE, analysis_dir, best_lr_path, experiment_dir, final_dir, sweep_outputs_dir
+from tune.layout import (
+    CONFIG_FILE,
+    analysis_dir,
+    best_lr_path,
+    experiment_dir,
+    final_dir,
+    seeds_dir,
+    sweep_outputs_dir,
+)
 from tune.memory import PlanError, cpu_budget, plan_for, planning_budget
 from tune.runner import ExperimentError, dedupe_epochs, resume_config
 from tune.storage import fetch, publish
 from tune.sweep import SweepResult, run_sweep
-from tune.train import run_train, with_lr
+from tune.train import run_train, run_train_seeds, with_lr
 
 USER_ERRORS = (
     ConfigError,
@@ -142,72 +151,98 @@ def _stored_root(path: Path) -> str | None:
     return json.loads(f.read_text())["config"]["run"]["output_root"] if f.is_file() else None
 
 
-def _training_run(cfg: Config) -> Path:
-    """The training experiment, with its checkpoints, in the local root (downloaded from a remote one)."""
-    return fetch(cfg, experiment_dir(cfg, "train"), weights=True)
+@dataclass(frozen=True)
+class Trained:
+    """One trained model to analyse: its experiment (and its trial, for one of several seeds) and where
+    its analysis and crossover go."""
+
+    experiment: Path
+    trial: str | None
+    analysis: Path
+    final: Path
+    seed: int
+    name: str
 
 
-def analyze_stage(cfg: Config) -> None:
-    out = analysis_dir(cfg)
-    report = analyze(_training_run(cfg), out)
-    publish(cfg, out)
-    print("[analyze] sweet spots (epoch per group / independent module):")
+def _trained(cfg: Config) -> Trained:
+    """The run's own training, in the local root (its checkpoints downloaded from a remote one)."""
+    experiment = fetch(cfg, experiment_dir(cfg, "train"), weights=True)
+    return Trained(experiment, None, analysis_dir(cfg), final_dir(cfg), cfg.run.seed, cfg.run.name)
+
+
+def _analyze(cfg: Config, t: Trained) -> None:
+    report = analyze(t.experiment, t.analysis, trial=t.trial)
+    publish(cfg, t.analysis)
+    print(f"[analyze] {t.name}: sweet spots (epoch per group / independent module):")
     for unit, epoch in report["sweet_spots"].items():
         print(f"    {unit:<18} epoch {epoch}")
     for skipped in report["skipped_checkpoints"]:
         print(f"[analyze] skipped {skipped['path']}: {skipped['problem']}")
-    print(f"[analyze] {out / SWEET_SPOTS_FILE}; figures: {', '.join(report['figures'])}")
+    print(f"[analyze] {t.analysis / SWEET_SPOTS_FILE}; figures: {', '.join(report['figures'])}")
 
 
-def crossover_stage(cfg: Config) -> None:
-    summary = crossover(_training_run(cfg), final_dir(cfg))
-    publish(cfg, final_dir(cfg))
-    print(f"[crossover] sweet spots {summary['sweet_spots']}")
+def _crossover(cfg: Config, t: Trained) -> None:
+    summary = crossover(t.experiment, t.final, trial=t.trial)
+    publish(cfg, t.final)
+    print(f"[crossover] {t.name}: sweet spots {summary['sweet_spots']}")
     for delta, spots in summary["variants"].items():
         print(f"[crossover] variant {int(delta):+d}: {spots}")
     print(f"[crossover] weights: {summary['weights']}")
 
 
-def _evaluate(cfg: Config) -> Path:
-    """Test-split evaluation of every method of this run; prints the table, returns results.csv."""
-    results = evaluate_all(_training_run(cfg), analysis_dir(cfg), seed=cfg.run.seed)
-    publish(cfg, analysis_dir(cfg))
+def _evaluate(cfg: Config, t: Trained) -> Path:
+    """Test-split evaluation of every method; prints the table, returns results.csv."""
+    results = evaluate_all(t.experiment, t.analysis, seed=t.seed, trial=t.trial)
+    publish(cfg, t.analysis)
     cols = [c for c in results.columns if c.endswith(("_accuracy", "_mae")) or c == "fused_loss"]
-    print(f"[report] {cfg.run.name}: test split (selection used validation only):")
+    print(f"[report] {t.name}: test split (selection used validation only):")
     print(_table(results[["method", "seed", *cols]]))
-    return analysis_dir(cfg) / RESULTS_FILE
+    return t.analysis / RESULTS_FILE
+
+
+def analyze_stage(cfg: Config) -> None:
+    _analyze(cfg, _trained(cfg))
+
+
+def crossover_stage(cfg: Config) -> None:
+    _crossover(cfg, _trained(cfg))
 
 
 def report_stage(cfg: Config) -> None:
-    results = _evaluate(cfg)
+    results = _evaluate(cfg, _trained(cfg))
     summary = summarize_seeds([results], analysis_dir(cfg))
     publish(cfg, analysis_dir(cfg))
     print(f"[report] {results}; figure: {summary['figure']}")
 
 
-def seed_run(cfg: Config, seed: int) -> Config:
-    """The run of another seed: its own name, so its outputs never mix with the base run's."""
-    return dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, seed=seed, name=f"{cfg.run.name}-seed{seed}")
-    )
-
-
 def all_stages(cfg: Config, *, seeds: int = 1, explicit_lr: bool = False) -> None:
     """sweep -> train -> analyze -> crossover -> report, for ``seeds`` seeds; finished stages are reused,
-    an interrupted one resumed.  The first seed is ``cfg``'s run; seed k is run ``<name>-seed<seed>``, trained
-    at the same LR (the sweep runs once).  ``explicit_lr``: optim.lr was given, so there is no sweep."""
+    an interrupted one resumed.  The first seed is ``cfg``'s run; the further seeds train at the same LR
+    (the sweep runs once) as the trials of one Tune experiment, ``<run dir>/seeds/train``, in parallel
+    as far as the resources allow, and each is analysed into ``<run dir>/seeds/seed<k>/``.
+    ``explicit_lr``: optim.lr was given, so there is no sweep."""
     if explicit_lr:
         lr, source = cfg.optim.lr, "command line (optim.lr)"
         print(f"[all] optim.lr={lr:g} given on the command line: no LR sweep")
     else:
         lr, source = sweep_stage(cfg).best.lr, str(best_lr_path(cfg))
+    base = with_lr(cfg, lr)
+    train_stage(base, source, resume_unfinished=True)
+    trained = [_trained(base)]
+    others = [cfg.run.seed + k for k in range(1, seeds)]
+    if others:
+        run_train_seeds(base, others, source)
+        experiment = fetch(cfg, seeds_dir(cfg) / "train", weights=True)
+        for seed in others:
+            out = seeds_dir(cfg) / f"seed{seed}"
+            trained.append(
+                Trained(experiment, f"seed{seed}_", out / "analysis", out / "final", seed, f"seed {seed}")
+            )
     result_files = []
-    for k in range(seeds):
-        run = with_lr(cfg if k == 0 else seed_run(cfg, cfg.run.seed + k), lr)
-        train_stage(run, source, resume_unfinished=True)
-        analyze_stage(run)
-        crossover_stage(run)
-        result_files.append(_evaluate(run))
+    for t in trained:
+        _analyze(cfg, t)
+        _crossover(cfg, t)
+        result_files.append(_evaluate(cfg, t))
     out = analysis_dir(cfg) if seeds == 1 else analysis_dir(cfg) / "seeds"
     summary = summarize_seeds(result_files, out)
     publish(cfg, out)

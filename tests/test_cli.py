@@ -184,3 +184,29 @@ def test_params_prints_the_730m_table_with_targets():
     out = run_py("params", str(REPO / "configs" / "redheart-730m.yaml"), timeout=120)
     assert out.returncode == 0, out.stderr
     assert "vs. the original (730M)" in out.stdout and "does NOT fit" in out.stdout
+
+
+def test_all_with_seeds_trains_the_further_seeds_as_one_tune_experiment(tmp_path, data_cache):
+    args = [
+        "all",
+        str(REPO / "configs" / "smoke.yaml"),
+        f"run.output_root={tmp_path}",
+        f"data.cache_dir={data_cache}",
+        "sweep.lrs=[1.0e-3]",
+        "train.epochs=2",
+        "--seeds",
+        "3",
+    ]
+    done = run_py(*args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "smoke"
+    trials = sorted(p.name.split("_")[0] for p in (run / "seeds" / "train").iterdir() if p.is_dir())
+    assert trials == ["seed1", "seed2"]  # one Tune experiment, one trial per further seed
+    for seed in (1, 2):
+        results = pd.read_csv(run / "seeds" / f"seed{seed}" / "analysis" / "results.csv")
+        assert set(results["seed"]) == {seed}
+        assert (run / "seeds" / f"seed{seed}" / "final" / "crossover.safetensors").is_file()
+    summary = pd.read_csv(run / "analysis" / "seeds" / "results_summary.csv")
+    assert set(summary["n_seeds"]) == {3}
+    again = run_py(*args[:-1], "4")
+    assert again.returncode == 2 and "trained seeds [1, 2]; [1, 2, 3] now" in again.stderr

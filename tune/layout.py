@@ -6,6 +6,10 @@
                                        session_info.json, session_info_final.json)
     <output_root>/<name>/analysis/     sweet spots, selection, results, figures
     <output_root>/<name>/final/        the crossover model
+    <output_root>/<name>/seeds/        ``all --seeds N``: train/ (one Tune experiment, one trial per further seed),
+                                       seed<k>/analysis/ and seed<k>/final/ for each of them
+
+For a URI output root these are the paths of its local mirror (``tune.storage``).
 
 Nothing of one run is read by another unless the user names it (``train --lr-from``).
 """
@@ -49,3 +53,13 @@ def analysis_dir(cfg: Config) -> Path:
 
 def final_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "final"
+
+
+def seeds_dir(cfg: Config) -> Path:
+    """The further seeds of ``all --seeds N``: one training experiment, and each seed's analysis."""
+    return run_dir(cfg) / "seeds"
+
+
+def seeds_experiment(cfg: Config) -> str:
+    """Where the further seeds' training experiment lives, relative to the output root."""
+    return f"{cfg.run.name}/seeds/train"

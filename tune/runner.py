@@ -35,7 +35,7 @@ from ray.tune.experiment import Trial
 from tune.checkpoints import MANIFEST, drop_resume_state
 from tune.config import Config, cache_dir, config_from_dict, config_to_dict, is_uri, with_overrides
 from tune.files import write_json_atomic
-from tune.layout import CONFIG_FILE, SPLIT_FILE, experiment_dir
+from tune.layout import CONFIG_FILE, SPLIT_FILE
 from tune.resources import trial_resources
 from tune.storage import publish, storage
 from tune.trainable import run_trial
@@ -77,8 +77,10 @@ class EpochPrinter(Callback):
 
 def trial_name(trial: Trial) -> str:
     """A trial's name and folder: its peak LR, readable (Tune's default rounds 1e-5 to 'lr=0.0000'),
-    and its Tune id, unique for any search algorithm (optuna's 1.2e-4 and 1.4e-4 never collide)."""
-    return f"lr_{trial.config['lr']:.2e}_{trial.trial_id}"
+    and its Tune id, unique for any search algorithm (optuna's 1.2e-4 and 1.4e-4 never collide); a trial
+    of several seeds' training starts with its seed."""
+    name = f"lr_{trial.config['lr']:.2e}_{trial.trial_id}"
+    return f"seed{trial.config['seed']}_{name}" if "seed" in trial.config else name
 
 
 def trainable_for(cfg: Config, stage: str):
@@ -292,12 +294,12 @@ def newest_checkpoint_epoch(path: Path) -> int:
     return max(epochs, default=0)
 
 
-def check_same_config(path: Path, cfg: Config, stage: str) -> None:
+def check_same_config(path: Path, cfg: Config, stage: str, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to reuse or resume the experiment at ``path`` with a config that would change its results."""
     stored, stored_stage = load_experiment_config(path)
     if stored_stage != stage:
         raise ExperimentError(f"{path} holds a {stored_stage} experiment, not a {stage} experiment")
-    diffs = config_differences(stored, cfg, NOT_READ_BY[stage])
+    diffs = config_differences(stored, cfg, (*NOT_READ_BY[stage], *ignore))
     if diffs:
         listed = "; ".join(f"{key}: {old!r} stored, {new!r} now" for key, old, new in diffs)
         raise ExperimentError(
@@ -310,22 +312,34 @@ def check_same_config(path: Path, cfg: Config, stage: str) -> None:
 # Run
 
 
-def fit(cfg: Config, stage: str, *, param_space: dict, tune_config: TuneConfig, epochs: int, resume: bool):
-    """Start a new experiment, or restore ``<run dir>/<stage>`` when ``resume`` is set.
+def fit(
+    cfg: Config,
+    stage: str,
+    *,
+    param_space: dict,
+    tune_config: TuneConfig,
+    epochs: int,
+    resume: bool,
+    experiment: str | None = None,
+):
+    """Start a new experiment, or restore it when ``resume`` is set.
 
-    The experiment lives in the run's storage (a local directory or a URI); a trial whose worker or
-    node dies is restarted from its newest checkpoint up to ``resources.max_failures`` times.
+    ``experiment``: its place under the output root, ``<run.name>/<stage>`` unless given (the seeds'
+    training is ``<run.name>/seeds/train``).  It lives in the run's storage (a local directory or a URI);
+    a trial whose worker or node dies is restarted from its newest checkpoint up to
+    ``resources.max_failures`` times.
     """
-    path = experiment_dir(cfg, stage)
+    experiment = experiment or f"{cfg.run.name}/{stage}"
     st = storage(cfg)
+    path = st.local / experiment
     trainable = trainable_for(cfg, stage)
-    shown = st.display(f"{cfg.run.name}/{stage}") if st.remote else path
+    shown = st.display(experiment) if st.remote else path
     print(f"[{stage}] Tune experiment {shown}  (TensorBoard: tensorboard --logdir {shown})", flush=True)
     # A local experiment is handed to Tune as a plain path, as Tune prefers; a remote one with its filesystem.
     fs = st.fs if st.remote else None
     if resume:
         tuner = Tuner.restore(
-            st.fs_path(f"{cfg.run.name}/{stage}"),
+            st.fs_path(experiment),
             trainable,
             resume_unfinished=True,
             resume_errored=True,
@@ -336,9 +350,10 @@ def fit(cfg: Config, stage: str, *, param_space: dict, tune_config: TuneConfig, 
         callbacks = [EpochPrinter(stage, epochs)]
         if stage == "train" and cfg.train.keep_resume_state == "latest":
             callbacks.append(ResumeStatePruner(epochs))
+        parent, name = experiment.rsplit("/", 1)
         run_config = RunConfig(
-            name=stage,
-            storage_path=st.fs_path(cfg.run.name),
+            name=name,
+            storage_path=st.fs_path(parent),
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # all kept: the crossover needs every epoch
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),

@@ -15,11 +15,19 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.tune import TuneConfig
+from ray.tune import TuneConfig, grid_search
 
 from tune.config import Config
 from tune.files import write_json_atomic
-from tune.layout import BEST_LR_FILE, best_lr_path, experiment_dir, sweep_outputs_dir
+from tune.layout import (
+    BEST_LR_FILE,
+    CONFIG_FILE,
+    best_lr_path,
+    experiment_dir,
+    seeds_dir,
+    seeds_experiment,
+    sweep_outputs_dir,
+)
 from tune.resources import start_ray
 from tune.runner import (
     ExperimentError,
@@ -158,3 +166,36 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
     )
     publish(cfg, path / "session_info_final.json")
     return results
+
+
+def run_train_seeds(cfg: Config, seeds: list[int], lr_source: str):
+    """Train the run's model for each of ``seeds`` as the trials of one Tune experiment
+    (``<run dir>/seeds/train``), in parallel as far as the resources allow; reused when finished,
+    resumed when not, only with the config and seeds it was started with.  Returns Tune's ResultGrid."""
+    path = fetch(cfg, seeds_dir(cfg) / "train", weights=False)
+    status = experiment_status(path)
+    if status is not None:
+        check_same_config(path, cfg, "train", ignore=("run.seed",))
+        stored = json.loads((path / CONFIG_FILE).read_text()).get("seeds")
+        if stored != seeds:
+            raise ExperimentError(
+                f"{path} trained seeds {stored}; {seeds} now. Choose another run.name for other seeds."
+            )
+        what = "finished; reusing it" if status.finished else "unfinished; resuming it"
+        print(f"[train] {path}: {what} (seeds {seeds})")
+    start_ray(cfg)
+    if status is None:
+        print(f"[train] seeds {seeds} at peak LR {cfg.optim.lr:.2e} from {lr_source}, as one Tune experiment")
+        save_experiment_config(cfg, path, "train")
+        record = json.loads((path / CONFIG_FILE).read_text())
+        write_json_atomic(path / CONFIG_FILE, {**record, "seeds": seeds})
+        publish(cfg, path / CONFIG_FILE)
+    return fit(
+        cfg,
+        "train",
+        param_space={"lr": cfg.optim.lr, "seed": grid_search(seeds)},
+        tune_config=TuneConfig(num_samples=1),  # as many at once as the resources allow
+        epochs=cfg.train.epochs,
+        resume=status is not None,
+        experiment=seeds_experiment(cfg),
+    )

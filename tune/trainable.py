@@ -8,6 +8,7 @@ and lines up with Tune's ``training_iteration``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -81,6 +82,8 @@ def run_trial(params: dict, *, cfg: Config, stage: str, data: EncodedData | None
     ``cfg.optim.lr``).  ``data``: the encoded data, shipped through the object store on a cluster
     (``tune.runner.trainable_for``); else it is read from the encoding cache."""
     assert stage in STAGES, stage
+    if "seed" in params:  # one trial of several seeds' training (all --seeds N)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=int(params["seed"])))
     # The training run's LR is its config's (a resume may lower it after a NaN); the sweep's is the trial's.
     lr = cfg.optim.lr if stage == "train" else float(params["lr"])
     epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
