@@ -120,6 +120,23 @@ def session_info(cfg: Config, lr_source: str) -> dict:
     }
 
 
+def _existing(path: Path, cfg: Config, *, resume_unfinished: bool, note: str, ignore: tuple[str, ...] = ()):
+    """The training experiment at ``path`` (its records fetched from a remote root, not its weights), to
+    reuse when finished or resume when not; None when there is none.  Only with the config it was
+    started with; an unfinished one only when ``resume_unfinished`` (else the resume command is the error)."""
+    status = experiment_status(fetch(cfg, path, weights=False))
+    if status is not None:
+        check_same_config(path, cfg, "train", ignore)
+        if not (status.finished or resume_unfinished):
+            raise ExperimentError(
+                f"{path} holds an unfinished training run. Continue it with: python run.py resume {path} "
+                f"(or choose another run.name to start a new one)"
+            )
+        what = "finished; reusing it" if status.finished else "unfinished; resuming it"
+        print(f"[train] {path}: {what} ({note})")
+    return status
+
+
 def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfinished: bool = False):
     """Run the training experiment with peak LR ``cfg.optim.lr`` (see ``choose_lr`` and ``with_lr``).
 
@@ -127,17 +144,8 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
     (else refused with the resume command), in both cases only with the config it was
     started with.  Returns Tune's ResultGrid.
     """
-    path = fetch(cfg, experiment_dir(cfg, "train"), weights=False)  # a remote root: its records, not weights
-    status = experiment_status(path)
-    if status is not None:
-        check_same_config(path, cfg, "train")
-        if not (status.finished or resume_unfinished):
-            raise ExperimentError(
-                f"{path} holds an unfinished training run. Continue it with: python run.py resume {path} "
-                f"(or choose another run.name to start a new one)"
-            )
-        what = "finished; reusing it" if status.finished else "unfinished; resuming it"
-        print(f"[train] {path}: {what} (peak LR {cfg.optim.lr:.2e})")
+    path = experiment_dir(cfg, "train")
+    status = _existing(path, cfg, resume_unfinished=resume_unfinished, note=f"peak LR {cfg.optim.lr:.2e}")
     start_ray(cfg)
     if status is None:
         print(f"[train] peak LR {cfg.optim.lr:.2e} from {lr_source}")
@@ -172,17 +180,14 @@ def run_train_seeds(cfg: Config, seeds: list[int], lr_source: str):
     """Train the run's model for each of ``seeds`` as the trials of one Tune experiment
     (``<run dir>/seeds/train``), in parallel as far as the resources allow; reused when finished,
     resumed when not, only with the config and seeds it was started with.  Returns Tune's ResultGrid."""
-    path = fetch(cfg, seeds_dir(cfg) / "train", weights=False)
-    status = experiment_status(path)
+    path = seeds_dir(cfg) / "train"
+    status = _existing(path, cfg, resume_unfinished=True, note=f"seeds {seeds}", ignore=("run.seed",))
     if status is not None:
-        check_same_config(path, cfg, "train", ignore=("run.seed",))
         stored = json.loads((path / CONFIG_FILE).read_text()).get("seeds")
         if stored != seeds:
             raise ExperimentError(
                 f"{path} trained seeds {stored}; {seeds} now. Choose another run.name for other seeds."
             )
-        what = "finished; reusing it" if status.finished else "unfinished; resuming it"
-        print(f"[train] {path}: {what} (seeds {seeds})")
     start_ray(cfg)
     if status is None:
         print(f"[train] seeds {seeds} at peak LR {cfg.optim.lr:.2e} from {lr_source}, as one Tune experiment")
