@@ -34,6 +34,7 @@ from tune.runner import (
     load_experiment_config,
     newest_checkpoint_epoch,
 )
+from tune.storage import fetch
 
 
 def _differences(stored: Config, cfg: Config, stage: str) -> list[str]:
@@ -201,6 +202,7 @@ def live_lines(status: ExperimentStatus, now: float) -> list[str]:
 
 def run_status(cfg: Config, command: str) -> list[str]:
     """Lines on run ``cfg.run.name``; ``command`` (the config file and overrides given) goes into the next step."""
+    fetch(cfg, run_dir(cfg), weights=False)  # a remote root: its records, never its weights
     sweep = experiment_status(experiment_dir(cfg, "sweep"))
     train = experiment_status(experiment_dir(cfg, "train"))
     now = time.time()

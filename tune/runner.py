@@ -25,6 +25,7 @@ from ray.tune import (
     FailureConfig,
     ResultGrid,
     RunConfig,
+    SyncConfig,
     TuneConfig,
     Tuner,
     with_parameters,
@@ -357,6 +358,9 @@ def fit(
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # all kept: the crossover needs every epoch
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+            # A remote trial's own files (live_progress.json, per-step TensorBoard events) upload with its
+            # reports, at most every sync_period (5 min): status and TensorBoard see them from the bucket.
+            sync_config=SyncConfig(sync_artifacts=st.remote),
             callbacks=callbacks,
             verbose=0,
         )
