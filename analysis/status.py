@@ -129,10 +129,10 @@ def read_progress(experiment: Path) -> dict[str, dict]:
 
 def allowed_silence_s(record: dict) -> float:
     """How long a live trial may go without writing progress: STALL_EPOCHS epochs, STALL_MIN_S at least;
-    STALL_START_S while it starts and has timed nothing."""
-    if record.get("epoch_s"):
-        return max(STALL_EPOCHS * record["epoch_s"], STALL_MIN_S)
-    return STALL_START_S
+    STALL_START_S while it starts and has timed nothing; plus, on remote storage, how late its files may
+    be uploaded (Tune's sync period)."""
+    own = max(STALL_EPOCHS * record["epoch_s"], STALL_MIN_S) if record.get("epoch_s") else STALL_START_S
+    return own + record.get("upload_lag_s", 0.0)
 
 
 def stalled(records: list[dict], now: float) -> tuple[float, float] | None:

@@ -176,6 +176,7 @@ def test_the_silence_a_live_run_may_keep_is_n_epochs_at_least_the_floor():
     assert allowed_silence_s({"epoch_s": 600.0}) == STALL_EPOCHS * 600.0
     assert allowed_silence_s({"epoch_s": 1.0}) == STALL_MIN_S
     assert allowed_silence_s({"state": "starting", "epoch_s": None}) == STALL_START_S
+    assert allowed_silence_s({"epoch_s": 1.0, "upload_lag_s": 300.0}) == STALL_MIN_S + 300.0  # a bucket's lag
     records = [{"updated": 1000.0, "epoch_s": 100.0}, {"updated": 1200.0, "epoch_s": 100.0}]
     assert stalled(records, now=1200.0 + 300.0) is None  # the newest record counts: 300 s = 3 epochs
     assert stalled(records, now=1200.0 + 301.0) == (301.0, 300.0)

@@ -1,7 +1,8 @@
 """Progress inside an epoch, measured in one place: the console line, ``run.py status`` and TensorBoard's
 per-step scalars all show what ``Progress`` measured.
 
-    progress = Progress(trial_directory(), stage="train", lr_peak=lr, epochs=60, print_every_s=60)
+    directory, lag = trial_files()
+    progress = Progress(directory, stage="train", lr_peak=lr, epochs=60, print_every_s=60, upload_lag_s=lag)
     for epoch in range(start, epochs + 1):
         tr = train_epoch(state, data, epoch, on_step=progress.hook(state.placement))
         val = validate_state(state, data)
@@ -19,7 +20,7 @@ In the trial's directory, beside Tune's result.json and per-epoch TensorBoard ev
 
 The per-step events go to a subfolder so that TensorBoard reads them as their own run: two event files
 written at once in one folder are read one after the other, and a live view would stop updating the
-first.  Only ``trial_directory`` asks Ray anything.
+first.  Only ``trial_files`` asks Ray anything.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Progress:
         lr_peak: float,
         epochs: int,
         print_every_s: float,
+        upload_lag_s: float = 0.0,
         clock=time.monotonic,
         now=time.time,
     ):
@@ -139,6 +141,7 @@ class Progress:
         self.stage, self.lr_peak, self.epochs = stage, lr_peak, epochs
         self.trial = self.directory.name  # the trial's folder is named after it
         self.print_every_s = print_every_s
+        self.upload_lag_s = upload_lag_s  # remote storage: how late the files may reach it (status allows it)
         self.clock, self.now = clock, now
         self.train_s: list[float] = []  # training time of each epoch finished in this trial
         self.validation_s: list[float] = []
@@ -271,6 +274,7 @@ class Progress:
                 "lr_peak": self.lr_peak,
                 "epochs": self.epochs,
                 "started": self.started,
+                "upload_lag_s": self.upload_lag_s,
                 **self.record,
                 "updated": updated,
                 "updated_utc": datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds"),
@@ -284,14 +288,17 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def trial_directory() -> Path:
-    """Inside a Tune trial: its folder in the experiment (beside Tune's result.json) where that is on a
-    local or shared filesystem; on remote storage, the trial's working directory on its node (Tune uploads
-    that only with ``SyncConfig(sync_artifacts=True)``, so ``status`` does not see it there)."""
+def trial_files() -> tuple[Path, float]:
+    """Inside a Tune trial: where its own files go, and how late they may reach the experiment's storage.
+
+    On a local or shared filesystem: its folder in the experiment, beside Tune's result.json, at once.  On
+    remote storage: its working directory on its node, which Tune uploads with the trial's reports
+    (``SyncConfig(sync_artifacts=True)``, tune/runner.py) at most every ``sync_period`` seconds.
+    """
     import pyarrow.fs
     from ray.tune import get_context
 
     storage = get_context().get_storage()
     if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-        return Path(storage.trial_fs_path)
-    return Path(get_context().get_trial_dir())
+        return Path(storage.trial_fs_path), 0.0
+    return Path(get_context().get_trial_dir()), float(storage.sync_config.sync_period)

@@ -43,7 +43,7 @@ from tune.loop import (
     weight_stats,
 )
 from tune.memory import GiB, configure_allocator, format_plan, out_of_memory, trial_budget
-from tune.progress import Progress, trial_directory
+from tune.progress import Progress, trial_files
 from tune.resources import describe_device, trial_device, trial_threads
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,14 @@ def run_trial(params: dict, *, cfg: Config, stage: str, data: EncodedData | None
     lr = cfg.optim.lr if stage == "train" else float(params["lr"])
     epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
     # Steps, samples/s and ETAs inside each epoch: the console line, live_progress.json, TensorBoard.
+    directory, upload_lag_s = trial_files()
     progress = Progress(
-        trial_directory(), stage=stage, lr_peak=lr, epochs=epochs, print_every_s=cfg.train.progress_every_s
+        directory,
+        stage=stage,
+        lr_peak=lr,
+        epochs=epochs,
+        print_every_s=cfg.train.progress_every_s,
+        upload_lag_s=upload_lag_s,
     )
     threads = trial_threads(cfg)  # the CPUs Ray gave this trial, one left for Ray on a small machine
     torch.set_num_threads(threads)
