@@ -49,6 +49,7 @@ from tune.layout import (
     sweep_outputs_dir,
 )
 from tune.memory import PlanError, cpu_budget, plan_for, planning_budget
+from tune.resources import cluster_address
 from tune.runner import ExperimentError, dedupe_epochs, resume_config
 from tune.storage import fetch, publish
 from tune.sweep import SweepResult, run_sweep
@@ -72,7 +73,7 @@ def _prepare(cfg: Config) -> None:
     check that the model fits its memory budget (a plan that cannot fit fails here, not in a trial)."""
     data = prepare_data(cfg.data, cache_dir(cfg), show_progress=True)
     print(f"[data] {data.summary()}")
-    on_gpu = cfg.resources.gpu > 0 and (bool(cfg.resources.address) or torch.cuda.is_available())
+    on_gpu = cfg.resources.gpu > 0 and (bool(cluster_address(cfg)) or torch.cuda.is_available())
     budget = planning_budget(cfg.memory) if on_gpu else cpu_budget(cfg.memory)
     plan, _ = plan_for(cfg, data.tasks, data.input_dim, device="cuda" if on_gpu else "cpu", budget=budget)
     if plan.strategy == "stream":

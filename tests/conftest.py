@@ -42,6 +42,7 @@ def ray_session():
     import ray
 
     ray.init(
+        address="local",  # never a cluster another test (or anything else on the machine) runs
         num_cpus=2,
         object_store_memory=100 * 2**20,
         include_dashboard=False,

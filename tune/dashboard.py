@@ -35,12 +35,12 @@ def start_dashboard(cfg: Config) -> None:
     """Start Ray with its dashboard (or join ``resources.address``'s cluster, whose dashboard it is) and
     print where it is and how to sign in.  The stages that follow find Ray up and use it; the dashboard
     ends with the command."""
-    from tune.resources import start_ray
+    from tune.resources import cluster_address, start_ray
 
     context = start_ray(cfg, include_dashboard=True)
     if context is None:  # Ray was up already: whoever started it chose its dashboard
         return
-    print("\n".join(dashboard_lines(context.dashboard_url, joined=bool(cfg.resources.address))), flush=True)
+    print("\n".join(dashboard_lines(context.dashboard_url, joined=bool(cluster_address(cfg)))), flush=True)
 
 
 def dashboard_lines(url: str | None, *, joined: bool, auth_mode: str | None = None) -> list[str]:

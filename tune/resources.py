@@ -26,11 +26,14 @@ def start_ray(cfg: Config, *, include_dashboard: bool | None = None):
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     r = cfg.resources
-    if r.address:
+    address = cluster_address(cfg)
+    if address:
         # Joining a cluster: the code travels with the job (runtime_env py_modules), so the workers need
         # only the dependencies installed; paths were resolved in the driver (tune.config.resolve_paths).
-        return ray.init(address=r.address, log_to_driver=True, runtime_env={"py_modules": code_modules()})
+        return ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": code_modules()})
     return ray.init(
+        # A Ray of its own, never one that happens to run on this machine: two runs share no state.
+        address="local",
         num_cpus=r.ray_num_cpus,
         object_store_memory=r.object_store_mb * 2**20,
         include_dashboard=include_dashboard,
@@ -38,6 +41,11 @@ def start_ray(cfg: Config, *, include_dashboard: bool | None = None):
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+def cluster_address(cfg: Config) -> str | None:
+    """The cluster to join: ``resources.address``, else ``RAY_ADDRESS``; None starts a Ray of the run's own."""
+    return cfg.resources.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def code_modules() -> list:

@@ -37,7 +37,7 @@ from tune.checkpoints import MANIFEST, drop_resume_state
 from tune.config import Config, cache_dir, config_from_dict, config_to_dict, is_uri, with_overrides
 from tune.files import write_json_atomic
 from tune.layout import CONFIG_FILE, SPLIT_FILE
-from tune.resources import trial_resources
+from tune.resources import cluster_address, trial_resources
 from tune.storage import publish, storage
 from tune.trainable import run_trial
 
@@ -92,7 +92,7 @@ def trainable_for(cfg: Config, stage: str):
     trials read the same encoding cache as the driver.
     """
     shipped = {}
-    if cfg.resources.address:
+    if cluster_address(cfg):
         from tune.data import prepare_data
 
         shipped["data"] = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).compacted()
