@@ -26,11 +26,12 @@ from tune.data import (
     iterate_batches,
     num_batches,
     prepare_data,
+    prepare_holdout,
     redheart,
     task_specs,
     vader,
 )
-from tune.data.dataset import sample_and_split, split_fingerprint
+from tune.data.dataset import holdout_rows, normalise_text, sample_and_split, split_fingerprint
 
 SAMPLE = Path(__file__).parent / "data" / "redheart_sample.json"
 
@@ -406,6 +407,75 @@ def test_fingerprint_depends_on_ids_and_params():
     assert base != split_fingerprint(ids, splits, {"seed": 1})
     swapped = {"train": splits["train"], "val": splits["test"], "test": splits["val"]}
     assert base != split_fingerprint(ids, swapped, params)
+
+
+# ----------------------------------------------------------------------------- the second held-out set
+
+
+def test_normalised_text_ignores_case_punctuation_and_spacing():
+    variants = [
+        "Yay. Another good phone interview.",
+        "YAY!!!  Another good phone interview!!!",
+        "yay another good phone interview",
+    ]
+    assert {normalise_text(v) for v in variants} == {"yay another good phone interview"}
+    assert normalise_text("Ｃａｆé") == normalise_text("café")  # NFKC: full-width letters
+    assert normalise_text("It's bad") != normalise_text("It's good")
+
+
+def test_holdout_rows_are_outside_the_draw_and_disjoint_by_normalised_text():
+    base = [f"sentence number {i} about things" for i in range(60)]
+    texts = base + [t.upper() + "!!!" for t in base[:30]] + [base[40]]  # variants and an exact repeat
+    kept, splits = sample_and_split(len(texts), None, 50, (0.8, 0.1, 0.1), seed=2)
+    rows = holdout_rows(texts, kept, seed=2, limit=None)
+    assert not set(rows.tolist()) & set(kept.tolist())
+    keys = [normalise_text(texts[i]) for i in rows]
+    assert len(set(keys)) == len(keys)  # one row per text
+    for name, split in splits.items():
+        assert not set(keys) & {normalise_text(texts[kept[i]]) for i in split}, name
+    # Nothing disjoint was left out: every row outside the draw is held out or repeats a text already in.
+    drawn = {normalise_text(texts[i]) for i in kept}
+    assert (
+        set(keys)
+        == {normalise_text(texts[i]) for i in range(len(texts)) if i not in set(kept.tolist())} - drawn
+    )
+    # A limit keeps a prefix of the same seeded order; the same seed gives the same rows.
+    np.testing.assert_array_equal(holdout_rows(texts, kept, seed=2, limit=None), rows)
+    first = holdout_rows(texts, kept, seed=2, limit=5)
+    assert len(first) == 5 and set(first.tolist()) <= set(rows.tolist())
+    assert len(holdout_rows(texts, np.arange(len(texts)), seed=2, limit=None)) == 0  # the draw kept all
+
+
+def test_real_vader_holdout_is_disjoint_from_train_val_and_test(data_cache):
+    """The default draw (10,000 of 23,703, split seed 0) leaves 13,703 sentences; those whose normalised
+    text is drawn or repeats are left out, and none of the rest shares a text with train, val or test."""
+    data = vader.load_vader(vader.fetch_vader(data_cache))
+    kept, splits = sample_and_split(len(data), data.strata, 10000, (0.8, 0.1, 0.1), seed=0)
+    rows = holdout_rows(data.texts, kept, seed=0, limit=None)
+    assert len(rows) == 13511
+    np.testing.assert_array_equal(np.bincount(data.strata[rows]), [2341, 6105, 2125, 2940])
+    held = {normalise_text(data.texts[i]) for i in rows}
+    assert len(held) == len(rows)
+    for name, split in splits.items():
+        assert not held & {normalise_text(data.texts[kept[i]]) for i in split}, name
+    assert not {data.ids[i] for i in rows} & {data.ids[i] for i in kept}
+
+
+def test_prepare_holdout_is_its_own_data_and_leaves_the_fingerprint_alone(data_cache):
+    cfg = DataConfig(max_samples=400, split=(0.7, 0.15, 0.15), max_tokens=24, holdout_max_samples=12)
+    data = prepare_data(cfg, data_cache, show_progress=False)
+    held = prepare_holdout(cfg, data_cache, show_progress=False)
+    assert held is not None and set(held.splits) == {"holdout"} and len(held) == 12
+    assert held.tasks == data.tasks and held.input_dim == data.input_dim
+    assert not {normalise_text(t) for t in held.texts} & {normalise_text(t) for t in data.texts}
+    assert held.fingerprint != data.fingerprint
+    assert "held-out set of 12 records: the 23,303 outside the data.max_samples draw" in held.summary()
+    # Training's data does not depend on the held-out settings: the same fingerprint with or without it.
+    for changed in (replace(cfg, holdout=False), replace(cfg, holdout_max_samples=None)):
+        assert prepare_data(changed, data_cache, show_progress=False).fingerprint == data.fingerprint
+    assert prepare_holdout(replace(cfg, holdout=False), data_cache, show_progress=False) is None
+    whole = DataConfig(source="redheart", path=str(SAMPLE), max_samples=None, max_tokens=16)
+    assert prepare_holdout(whole, data_cache, show_progress=False) is None  # the draw kept every record
 
 
 # ----------------------------------------------------------------------------- batches

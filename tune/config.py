@@ -22,6 +22,7 @@ import yaml
 from model.presets import ModelConfig
 
 __all__ = [
+    "AnalysisConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -87,6 +88,15 @@ class DataConfig:
     """Where downloads and encodings are cached; null means <output_root>/cache."""
     encode_batch_size: int = 64
     """Sentences per encoder call."""
+    holdout: bool = True
+    """Score every method also on a second held-out set: the records outside the ``max_samples`` draw
+    whose text (normalised: case, punctuation and spacing ignored) is in no train, validation or test
+    record, one record per such text.  No selection ever reads it, and training never sees it, so it is
+    not part of the data fingerprint.  With VADER's 23,703 sentences and the default cap of 10,000 that
+    is about 13,400 sentences (encoded once, then cached); with the Red Heart source it is whatever the
+    cap leaves out (nothing when ``max_samples`` keeps every record)."""
+    holdout_max_samples: int | None = None
+    """At most this many held-out records, taken in the order of the same seeded draw (null: all)."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,24 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """How the analysis selects and reports the methods (analysis/evaluate.py).  None of it changes
+    training; every choice is made on the validation split."""
+
+    soup_window: int = 1
+    """Group window soup: each selection unit averages its weights over the checkpoints within this many
+    checkpoints on each side of its own sweet spot (clamped to the complete checkpoints that exist);
+    0 is the crossover itself."""
+    learned_fusion: bool = True
+    """Also evaluate the crossover with per-task module weights learned on the validation split
+    (non-negative, summing to 1) next to the mean fusion."""
+    bootstrap_resamples: int = 10000
+    """Paired bootstrap resamples of the test sentences for the 95 % intervals."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resamples (the same resamples for every method, so the differences are paired)."""
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfigSection = field(default_factory=RunConfigSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,6 +244,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -363,6 +392,13 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(d.max_samples is None or d.max_samples >= 10, "data.max_samples: must be null or at least 10")
     need(d.max_tokens >= 1, "data.max_tokens: must be >= 1")
     need(d.encode_batch_size >= 1, "data.encode_batch_size: must be >= 1")
+    need(
+        d.holdout_max_samples is None or d.holdout_max_samples >= 1,
+        "data.holdout_max_samples: must be null or at least 1",
+    )
+    a = cfg.analysis
+    need(a.soup_window >= 0, "analysis.soup_window: must be >= 0 (0 is the crossover itself)")
+    need(a.bootstrap_resamples >= 100, "analysis.bootstrap_resamples: must be at least 100")
     if d.source == "redheart":
         need(bool(d.path), "data.path: required when data.source is 'redheart' (the Red Heart JSON file)")
     elif d.path is not None:

@@ -190,6 +190,9 @@ NO_RESULT_CHANGE = (
     "run.local_dir",
     "data.cache_dir",
     "train.progress_every_s",
+    "data.holdout",
+    "data.holdout_max_samples",
+    "analysis",
 )
 """Config fields that never change a run's results: where it runs and with what resources, how memory
 is managed, where files go.  Every other field does, and a difference in it refuses a reuse or resume."""

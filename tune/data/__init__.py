@@ -3,6 +3,7 @@
     data = prepare_data(cfg.data, cache_dir)           # EncodedData, fast when cached
     for batch in iterate_batches(data, "train", 4, shuffle=True, generator=g):
         batch = batch.to(device)                       # Batch: tokens (B, T, E), mask, pooled, targets
+    holdout = prepare_holdout(cfg.data, cache_dir)     # the second held-out set, for evaluation only
 
 Two sources (``data.source``):
 
@@ -21,16 +22,21 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from model.tasks import TaskSpec
 
 from . import redheart, vader
 from .dataset import (
+    HOLDOUT,
     SPLITS,
     Batch,
     EncodedData,
     content_digest,
+    holdout_rows,
     iterate_batches,
     make_batch,
+    normalise_text,
     num_batches,
     sample_and_split,
     split_fingerprint,
@@ -43,6 +49,7 @@ if TYPE_CHECKING:  # tune.config imports the model package; data needs it for an
     from tune.config import DataConfig
 
 __all__ = [
+    "HOLDOUT",
     "SPLITS",
     "Batch",
     "DataError",
@@ -50,8 +57,10 @@ __all__ = [
     "LoadReport",
     "iterate_batches",
     "make_batch",
+    "normalise_text",
     "num_batches",
     "prepare_data",
+    "prepare_holdout",
     "task_specs",
 ]
 
@@ -93,6 +102,7 @@ def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True
     Only the sampled texts are encoded, and only those not in the cache yet, so a
     second call with the same settings reads everything from disk (about a second
     for VADER).  Raises ``DataError`` for anything wrong with the data or its fetch.
+    The second held-out set is not part of it (``prepare_holdout``).
     """
     cache_dir = Path(cache_dir)
     raw, report = _load_source(cfg, cache_dir)
@@ -100,14 +110,6 @@ def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True
     shares = tuple(float(s) for s in cfg.split)
     kept, splits = sample_and_split(available, raw.strata, cfg.max_samples, shares, cfg.split_seed)
     raw = raw.take(kept)
-    encodings = encode_texts(
-        raw.texts,
-        encoder=cfg.encoder,
-        max_tokens=cfg.max_tokens,
-        batch_size=cfg.encode_batch_size,
-        cache_dir=cache_dir,
-        show_progress=show_progress,
-    )
     # Everything that changes what the model sees goes into the fingerprint (see split_fingerprint).
     params = {
         "source": cfg.source,
@@ -116,6 +118,63 @@ def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True
         "split_seed": cfg.split_seed,
         "shares": list(shares),
         "stratified_by": "corpus" if raw.strata is not None else None,
+    }
+    return _encoded(raw, splits, params, cfg, cache_dir, show_progress, report)
+
+
+def prepare_holdout(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True) -> EncodedData | None:
+    """The second held-out set (``data.holdout``): one split, "holdout", of the records outside the
+    ``data.max_samples`` draw whose normalised text is in no train, validation or test record
+    (``tune.data.dataset.holdout_rows``).  None when ``data.holdout`` is off or the draw kept every record.
+
+    It is its own ``EncodedData`` with its own fingerprint: training never reads it, so the training
+    data's fingerprint (and every checkpoint made with it) does not depend on it.  Its texts are encoded
+    into the same cache as the training data's (once; a later call reads them from disk).
+    """
+    if not cfg.holdout:
+        return None
+    cache_dir = Path(cache_dir)
+    raw, report = _load_source(cfg, cache_dir)
+    available = len(raw)
+    shares = tuple(float(s) for s in cfg.split)
+    kept, _ = sample_and_split(available, raw.strata, cfg.max_samples, shares, cfg.split_seed)
+    rows = holdout_rows(raw.texts, kept, cfg.split_seed, cfg.holdout_max_samples)
+    if len(rows) == 0:
+        return None
+    params = {
+        "source": cfg.source,
+        "records_available": available,
+        "max_samples": cfg.max_samples,
+        "split_seed": cfg.split_seed,
+        "holdout_of": len(raw) - len(kept),
+        "holdout_max_samples": cfg.holdout_max_samples,
+        "deduplicated_by": "normalise_text",
+    }
+    splits = {HOLDOUT: np.arange(len(rows), dtype=np.int64)}
+    return _encoded(raw.take(rows), splits, params, cfg, cache_dir, show_progress, report)
+
+
+def _encoded(
+    raw: RawData,
+    splits: dict[str, np.ndarray],
+    params: dict,
+    cfg: DataConfig,
+    cache_dir: Path,
+    show_progress: bool,
+    report: LoadReport | None,
+) -> EncodedData:
+    """``raw``'s rows encoded (cached), with ``splits`` and a fingerprint over them, ``params``, the encoder,
+    ``max_tokens`` and a digest of every text and target."""
+    encodings = encode_texts(
+        raw.texts,
+        encoder=cfg.encoder,
+        max_tokens=cfg.max_tokens,
+        batch_size=cfg.encode_batch_size,
+        cache_dir=cache_dir,
+        show_progress=show_progress,
+    )
+    params = {
+        **params,
         "encoder": encodings.encoder,
         "max_tokens": cfg.max_tokens,
         "content_sha256": content_digest(raw.texts, raw.targets, raw.target_mask),

@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+import re
+import unicodedata
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -25,6 +27,8 @@ from .errors import DataError
 from .raw import LoadReport
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+HOLDOUT = "holdout"
+"""The split name of the second held-out set (``holdout_rows``): its own ``EncodedData``, never in ``SPLITS``."""
 
 
 # ----------------------------------------------------------------------------- sample and split
@@ -50,6 +54,11 @@ def _allocate(n: int, shares: tuple[float, ...], at_least_one: bool) -> list[int
     return counts
 
 
+def draw_order(n: int, seed: int) -> np.ndarray:
+    """The seeded permutation of ``n`` rows that decides the sample cap, the split and the held-out set."""
+    return np.random.default_rng(seed).permutation(n)
+
+
 def sample_and_split(
     n: int, strata: np.ndarray | None, max_samples: int | None, shares: tuple[float, ...], seed: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -70,7 +79,7 @@ def sample_and_split(
         raise DataError(f"data.max_samples must be at least 1 or null, got {max_samples}")
     if len(shares) != len(SPLITS) or min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
         raise DataError(f"data.split must be three non-negative shares summing to 1, got {shares}")
-    order = np.random.default_rng(seed).permutation(n)
+    order = draw_order(n, seed)
     kept_in_order = order if max_samples is None else order[:max_samples]
     kept = np.sort(kept_in_order)
     position = np.searchsorted(kept, kept_in_order)  # index into kept, in permutation order
@@ -90,6 +99,42 @@ def sample_and_split(
             "Raise data.max_samples or provide more records."
         )
     return kept, splits
+
+
+def normalise_text(text: str) -> str:
+    """The key under which two texts count as the same sentence: NFKC, case-folded, and every run of
+    characters that are not letters or digits (punctuation, emoticons, whitespace) one space.
+
+    VADER repeats sentences with only their case and punctuation changed ("Yay. Another good phone
+    interview." to "YAY!!! Another good phone interview!!!", six rated variants of one sentence), and
+    the encoder is uncased: such variants are near-identical inputs, so they must not sit on both sides
+    of a held-out boundary.  Texts made only of symbols share the key "" (conservative: a few more
+    sentences are kept out of the held-out set than strictly needed).
+    """
+    return re.sub(r"[\W_]+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def holdout_rows(texts: Sequence[str], kept: np.ndarray, seed: int, limit: int | None) -> np.ndarray:
+    """The second held-out set: rows outside the drawn sample ``kept`` (``sample_and_split``'s), whose
+    ``normalise_text`` key is the key of no kept row (train, val or test) and of no earlier held-out row.
+
+    Rows are taken in the order of the same seeded permutation (``draw_order(len(texts), seed)``), so
+    ``limit`` (at most that many; None: all) keeps a reproducible prefix.  Returns sorted row indices
+    into ``texts``; empty when the draw kept every row.
+    """
+    inside = set(np.asarray(kept).tolist())
+    taken = {normalise_text(texts[i]) for i in inside}
+    rows: list[int] = []
+    for i in draw_order(len(texts), seed).tolist():
+        if limit is not None and len(rows) >= limit:
+            break
+        if i in inside:
+            continue
+        key = normalise_text(texts[i])
+        if key not in taken:
+            taken.add(key)
+            rows.append(i)
+    return np.sort(np.asarray(rows, dtype=np.int64))
 
 
 def content_digest(
@@ -192,7 +237,12 @@ class EncodedData:
         """One console line: records used (and of how many, when ``data.max_samples`` cut them), split, fingerprint."""
         available = self.split_params.get("records_available", len(self))
         used = f"{len(self):,} records"
-        if available > len(self):
+        if "holdout_of" in self.split_params:
+            used = (
+                f"held-out set of {len(self):,} records: the {self.split_params['holdout_of']:,} outside the "
+                "data.max_samples draw, less those whose normalised text is drawn or repeats"
+            )
+        elif available > len(self):
             used = f"{len(self):,} of {available:,} records used (data.max_samples)"
         if self.load_report is not None and self.load_report.skipped:
             used += f", {self.load_report.skipped:,} bad records skipped (data.on_bad_record=skip)"
