@@ -1,4 +1,5 @@
-"""Phase 4: one model assembled from each unit's sweet-spot checkpoint, and its ±Δ variants (SPEC §6).
+"""Phase 4: one model assembled from each unit's sweet-spot checkpoint, and its ±Δ variants (SPEC §6);
+and the group soups, assembled the same way from several checkpoints per unit.
 
 Weights are copied key by key: a linked group's whole file from its epoch's
 checkpoint, an independent module's own keys only from that epoch's
@@ -7,8 +8,16 @@ and shapes are checked against a freshly built model before
 ``load_state_dict(strict=True)``; a missing or extra key is an error, never
 skipped.
 
+A *group soup* gives each selection unit a list of epochs instead of one and
+averages that unit's weights over them.  The unit is the grain: a linked group's
+modules are averaged over the same epochs, as one unit, and no unit's weights are
+ever averaged with another unit's epochs.  A soup of one epoch per unit is the
+crossover itself, tensor for tensor.
+
     model, sources = build_crossover(spots, run.complete, run.meta)
     variants = variant_spots(spots, (-4, -2, 0, 2, 4), sorted(run.complete))
+    members = window_members(spots, 1, sorted(run.complete))    # each unit's spot and its neighbours
+    soup, sources = build_group_soup(members, run.complete, run.meta)
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from model.family import RedHeart, build_model
 from model.groups import SelectionUnit, param_prefix_owner, selection_units
@@ -197,6 +207,60 @@ def checkpoint_for(
     )
 
 
+def assemble_soup_state(
+    members: Mapping[str, Sequence[int]],
+    checkpoints: Mapping[int, Path],
+    reference: Mapping[str, torch.Tensor],
+    *,
+    problems: Mapping[int, str] | None = None,
+    units: tuple[SelectionUnit, ...] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The group soup's state dict: every unit's weights averaged over its own ``members`` epochs, and per
+    unit where they came from ({epochs, checkpoints, file, keys}).
+
+    ``members`` is keyed by selection unit (``model.groups.selection_units``): a linked group is one key,
+    so its modules can only be averaged together over one list of epochs; a key that is not a unit (a
+    module of a linked group, a typo) is refused.  One epoch for a unit copies its tensors unchanged.
+    """
+    units = units or selection_units()
+    unknown = sorted(set(members) - {u.name for u in units})
+    if unknown:
+        raise CrossoverError(
+            f"group soup members for {unknown}, which are not selection units; a linked group is averaged "
+            f"as one unit (known units: {', '.join(u.name for u in units)})"
+        )
+    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, dict] = {}
+    for unit in units:
+        if not members.get(unit.name):
+            raise CrossoverError(f"no epochs for unit {unit.name!r}; got members for {sorted(members)}")
+        epochs = [int(e) for e in members[unit.name]]
+        if len(set(epochs)) != len(epochs):
+            raise CrossoverError(f"unit {unit.name!r}: epochs {epochs} repeat a checkpoint")
+        soup = SoupSum()
+        directories = []
+        for epoch in epochs:
+            directory = checkpoint_for(unit.name, epoch, checkpoints, problems)
+            tensors = load_unit(directory, unit)
+            check_unit_tensors(tensors, reference, unit, directory)
+            directories.append(str(directory))
+            if len(epochs) == 1:
+                break
+            soup.add(tensors)
+        state.update(tensors if len(epochs) == 1 else soup.average(tensors))
+        sources[unit.name] = {
+            "epochs": epochs,
+            "checkpoints": directories,
+            "file": group_file(unit.group),
+            "keys": len(tensors),
+        }
+    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    assert not missing and not extra, (
+        f"units do not cover the model: missing {missing[:5]}, extra {extra[:5]}"
+    )
+    return state, sources
+
+
 def assemble_state(
     spots: Mapping[str, int],
     checkpoints: Mapping[int, Path],
@@ -206,26 +270,15 @@ def assemble_state(
     units: tuple[SelectionUnit, ...] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """The crossover state dict and, per unit, where it came from ({epoch, checkpoint, file, keys})."""
-    state: dict[str, torch.Tensor] = {}
-    sources: dict[str, dict] = {}
     for unit in units or selection_units():
         if unit.name not in spots:
             raise CrossoverError(f"no sweet spot for unit {unit.name!r}; got spots for {sorted(spots)}")
-        epoch = int(spots[unit.name])
-        directory = checkpoint_for(unit.name, epoch, checkpoints, problems)
-        tensors = load_unit(directory, unit)
-        check_unit_tensors(tensors, reference, unit, directory)
-        state.update(tensors)
-        sources[unit.name] = {
-            "epoch": epoch,
-            "checkpoint": str(directory),
-            "file": group_file(unit.group),
-            "keys": len(tensors),
-        }
-    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-    assert not missing and not extra, (
-        f"units do not cover the model: missing {missing[:5]}, extra {extra[:5]}"
-    )
+    members = {u: [int(e)] for u, e in spots.items()}
+    state, soup_sources = assemble_soup_state(members, checkpoints, reference, problems=problems, units=units)
+    sources = {
+        u: {"epoch": s["epochs"][0], "checkpoint": s["checkpoints"][0], "file": s["file"], "keys": s["keys"]}
+        for u, s in soup_sources.items()
+    }
     return state, sources
 
 
@@ -237,17 +290,84 @@ def build_crossover(
     problems: Mapping[int, str] | None = None,
 ) -> tuple[RedHeart, dict[str, dict]]:
     """A fresh model holding every unit's weights from its own sweet-spot checkpoint (strict load)."""
+    return _fresh_model(assemble_state, spots, checkpoints, metas, problems)
+
+
+def build_group_soup(
+    members: Mapping[str, Sequence[int]],
+    checkpoints: Mapping[int, Path],
+    metas: Mapping[int, Mapping],
+    *,
+    problems: Mapping[int, str] | None = None,
+) -> tuple[RedHeart, dict[str, dict]]:
+    """A fresh model holding every unit's weights averaged over its own ``members`` epochs (strict load)."""
+    return _fresh_model(assemble_soup_state, members, checkpoints, metas, problems)
+
+
+def _fresh_model(assemble, choice, checkpoints, metas, problems) -> tuple[RedHeart, dict[str, dict]]:
+    """A model of the checkpoints' architecture loaded (strict) with ``assemble(choice, ...)``'s state."""
     # Every checkpoint offered must come from one model, not only the ones used: the variants and
     # soups draw on the rest, and a mixed folder is a mistake worth stopping at.
     check_compatible({e: metas[e] for e in checkpoints}, checkpoints)
     model = model_from_meta(metas[min(checkpoints)])
-    state, sources = assemble_state(spots, checkpoints, model.state_dict(), problems=problems)
+    state, sources = assemble(choice, checkpoints, model.state_dict(), problems=problems)
     model.load_state_dict(state, strict=True)
     return model, sources
 
 
+def set_unit_tensors(model: nn.Module, unit: SelectionUnit, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy one unit's tensors into ``model`` in place, key by key (the unit's key set and shapes are
+    checked first); the other units' weights are untouched."""
+    current = model.state_dict()
+    check_unit_tensors(tensors, current, unit, Path(f"<{unit.name} in memory>"))
+    with torch.no_grad():
+        for k, v in tensors.items():
+            current[k].copy_(v)
+
+
 # ---------------------------------------------------------------------------
-# Ensemble variants
+# Weight averages
+
+
+class SoupSum:
+    """A running sum of state dicts, so a soup of big checkpoints holds two states in memory, not k."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.count and set(state) != set(self.total):
+            raise CrossoverError(f"soup member {self.count} has different keys than member 0")
+        for k, v in state.items():
+            if not v.is_floating_point():  # counters and indices cannot be averaged; they must agree
+                if self.count and not torch.equal(self.total[k], v):
+                    raise CrossoverError(f"soup members disagree on the non-float tensor {k!r}")
+                self.total[k] = v.clone()
+            else:
+                # float64 sums: the average of 30 fp32 checkpoints is exact to fp32 precision
+                self.total[k] = self.total[k] + v.double() if self.count else v.double()
+        self.count += 1
+
+    def plus(self, state: Mapping[str, torch.Tensor]) -> SoupSum:
+        """A new sum with ``state`` added (this one unchanged)."""
+        out = SoupSum()
+        out.total, out.count = dict(self.total), self.count
+        out.add(state)
+        return out
+
+    def average(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The uniform average, in the dtypes of ``like`` (any member)."""
+        if not self.count:
+            raise CrossoverError("a soup needs at least one member")
+        return {
+            k: (v / self.count).to(like[k].dtype) if v.is_floating_point() else v.clone()
+            for k, v in self.total.items()
+        }
+
+
+# ---------------------------------------------------------------------------
+# Ensemble variants and soup windows
 
 
 def shift_spot(epoch: int, delta: int, available: Sequence[int]) -> int:
@@ -268,6 +388,24 @@ def variant_spots(
     if len(set(deltas)) != len(deltas):
         raise CrossoverError(f"deltas {list(deltas)} repeat a value")
     return {int(d): {u: shift_spot(int(e), int(d), available) for u, e in spots.items()} for d in deltas}
+
+
+def window_members(spots: Mapping[str, int], k: int, available: Sequence[int]) -> dict[str, list[int]]:
+    """``{unit: epochs}``: each unit's sweet spot and the ``k`` complete checkpoints on each side of it
+    (counted in checkpoints, not epochs, and clamped to the first and last that exist: a spot at the
+    first checkpoint gets only the ``k`` after it).  ``k = 0`` gives the sweet spots themselves."""
+    if k < 0:
+        raise CrossoverError(f"the soup window must be >= 0 checkpoints on each side, got {k}")
+    avail = sorted(int(e) for e in available)
+    out = {}
+    for unit, epoch in spots.items():
+        if int(epoch) not in avail:
+            raise CrossoverError(
+                f"the sweet spot of {unit!r} is epoch {epoch}, not a complete checkpoint ({avail})"
+            )
+        i = avail.index(int(epoch))
+        out[unit] = avail[max(0, i - k) : i + k + 1]
+    return out
 
 
 # ---------------------------------------------------------------------------

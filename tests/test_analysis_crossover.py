@@ -1,4 +1,4 @@
-"""Crossover assembly and variants on real tiny-model checkpoints of fake epochs (no Ray)."""
+"""Crossover assembly, variants and group soups on real tiny-model checkpoints of fake epochs (no Ray)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from test_analysis_support import default_targets, epoch_state, fake_meta, write
 from analysis.crossover import (
     CrossoverError,
     build_crossover,
+    build_group_soup,
     check_compatible,
     load_module_tensors,
     shift_spot,
     variant_spots,
+    window_members,
 )
 from analysis.experiment import IncompleteCheckpointWarning, verify_checkpoints
 from model.groups import GROUPS, param_prefix_owner, selection_units
@@ -148,3 +150,57 @@ def test_missing_key_in_a_group_file_is_refused(tmp_path, fake_run):
     ):
         build_crossover(spots, {**dirs, 2: broken}, metas)
     assert set(GROUPS["group_c"]) == {"dsp", "kalman"}
+
+
+# ----------------------------------------------------------------------------- group soups
+
+
+def test_a_group_soup_of_one_checkpoint_per_unit_is_the_crossover(fake_run):
+    dirs, _, metas = fake_run
+    spots = default_targets()
+    crossover, _ = build_crossover(spots, dirs, metas)
+    soup, sources = build_group_soup(window_members(spots, 0, sorted(dirs)), dirs, metas)
+    assert {u: s["epochs"] for u, s in sources.items()} == {u: [e] for u, e in spots.items()}
+    expected = crossover.state_dict()
+    for k, v in soup.state_dict().items():
+        assert torch.equal(v, expected[k]), k  # bit for bit, not only close
+
+
+def test_a_linked_group_is_averaged_over_its_own_epochs_only(fake_run):
+    dirs, base, metas = fake_run
+    # Every unit a different window; group A and group B deliberately do not share their epochs.
+    members = {u.name: [2, 4, 6] for u in selection_units()}
+    members.update(group_a=[2, 4], group_b=[10, 12], group_c=[8], advanced_emotion=[4, 6, 8, 10])
+    soup, sources = build_group_soup(members, dirs, metas)
+    state = soup.state_dict()
+    epochs_of = {e: epoch_state(base, e) for e in dirs}
+    for unit in selection_units():
+        keys = [k for k in state if param_prefix_owner(k) in unit.modules]
+        assert keys and sources[unit.name]["epochs"] == members[unit.name]
+        for k in keys:
+            mean = torch.stack([epochs_of[e][k] for e in members[unit.name]]).double().mean(0).float()
+            torch.testing.assert_close(state[k], mean, rtol=0, atol=1e-7)
+    # Every key of a linked group (the backbone and its heads alike) comes from the group's epochs, and
+    # from no other group's: the heads are not the average over group B's epochs.
+    for k in [k for k in state if param_prefix_owner(k) in GROUPS["group_a"]]:
+        other = torch.stack([epochs_of[e][k] for e in members["group_b"]]).mean(0)
+        assert not torch.allclose(state[k], other), k
+    # A module of a linked group cannot be given epochs of its own.
+    with pytest.raises(CrossoverError, match=r"\['heads.emotion'\], which are not selection units"):
+        build_group_soup({**members, "heads.emotion": [10]}, dirs, metas)
+    with pytest.raises(CrossoverError, match="no epochs for unit 'group_c'"):
+        build_group_soup({**members, "group_c": []}, dirs, metas)
+
+
+def test_window_members_count_checkpoints_and_clamp():
+    available = [2, 4, 6, 10, 12]  # epoch 8 is missing (broken): the window counts checkpoints
+    spots = {"group_a": 2, "group_b": 6, "phase0": 12}
+    assert window_members(spots, 1, available) == {
+        "group_a": [2, 4],
+        "group_b": [4, 6, 10],
+        "phase0": [10, 12],
+    }
+    assert window_members(spots, 2, available)["group_b"] == [2, 4, 6, 10, 12]
+    assert window_members(spots, 0, available) == {u: [e] for u, e in spots.items()}
+    with pytest.raises(CrossoverError, match="not a complete checkpoint"):
+        window_members({"group_a": 8}, 1, available)
