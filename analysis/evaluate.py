@@ -1,29 +1,38 @@
-"""Honest evaluation: every method is chosen on validation data, then scored once on the test split.
+"""Honest evaluation: every method is chosen on validation data, then scored once on each held-out set.
 
 Two steps, kept apart on purpose:
 
 1. ``select_methods(run, val_data, ...)`` decides *what* each method is (which
-   epochs, which sweet spots, which soup members) from the checkpoints' recorded
-   validation metrics and, for the greedy soup, from passes over ``val_data``.
-   ``val_data`` is ``val_only(data)``: a copy of the data holding the validation
-   rows alone, so no test row, input or label, can reach a selection.
-2. ``evaluate_methods(plan, run, data, "test")`` builds each method's model(s)
-   and scores it on the test split.
+   epochs, which sweet spots, which soup members, which fusion weights) from the
+   checkpoints' recorded validation metrics and, for the greedy soups and the
+   learned fusion, from passes over ``val_data``.  ``val_data`` is
+   ``val_only(data)``: a copy of the data holding the validation rows alone, so no
+   test row, input or label, can reach a selection; the second held-out set
+   (``tune.data.prepare_holdout``) is a separate data set that selection is never given.
+2. ``evaluate_methods(plan, run, {"test": data, "holdout": holdout}, ...)`` builds
+   each method's model(s) and scores it on the test split and on the held-out set.
 
 Methods (the names are the rows of results.csv):
 
     crossover            one model, every unit from its sweet-spot checkpoint (SPEC §6)
     crossover_ensemble   mean fused prediction of the crossover's ±Δ variants
+    group_window_soup    every unit's weights averaged over the checkpoints within ±k of its own sweet spot
+    group_greedy_soup    every unit's weights averaged over the checkpoints it keeps greedily, in the order of
+                         its sweet-spot score, each kept only if the unit's validation loss does not rise
+    learned_fusion       the crossover's weights, with per-task module weights learned on validation
+                         (non-negative, summing to 1) instead of the mean of the modules
     last                 the last complete checkpoint
     best_single          the checkpoint with the lowest validation loss
     uniform_soup         weight average of the top-k checkpoints by validation loss
     greedy_soup          checkpoints added by validation loss, each kept only if the soup's validation loss improves
     topk_ensemble        mean fused prediction of the top-k checkpoints by validation loss
 
-Per method: ``fused_loss`` (loss of the system's fused prediction, comparable
-across single models and prediction ensembles), ``model_loss`` (the training
-objective, defined for single weight sets only) and every task's headline metric
-(``<task>_accuracy`` or ``<task>_mae``).
+Per method and held-out set: ``fused_loss`` (loss of the system's fused
+prediction, comparable across single models and prediction ensembles),
+``model_loss`` (the training objective, defined for single weight sets only) and
+every task's headline metric (``<task>_accuracy`` or ``<task>_mae``); per row, the
+values those metrics average (``row_metrics``), for the intervals of
+``analysis.uncertainty``.
 """
 
 from __future__ import annotations
@@ -40,24 +49,34 @@ from torch import nn
 
 from analysis.crossover import (
     DEFAULT_DELTAS,
+    SoupSum,
     build_crossover,
+    build_group_soup,
     check_compatible,
     check_state,
+    load_unit,
     model_from_meta,
+    set_unit_tensors,
     variant_spots,
+    window_members,
 )
 from analysis.experiment import TrainingRun
-from analysis.sweet_spots import select_sweet_spots
+from analysis.sweet_spots import select_sweet_spots, unit_scores
 from model.family import fuse
+from model.groups import MODULE_TASK, SelectionUnit, selection_units
 from model.losses import metric_sums, module_losses, task_loss, total_loss
 from model.tasks import TaskSpec
 from tune.checkpoints import load_model_state
 from tune.data import EncodedData, iterate_batches
+from tune.files import write_atomic
 from tune.memory import EvalMover, predict_outputs
 
 METHODS: tuple[str, ...] = (
     "crossover",
     "crossover_ensemble",
+    "group_window_soup",
+    "group_greedy_soup",
+    "learned_fusion",
     "last",
     "best_single",
     "uniform_soup",
@@ -124,8 +143,11 @@ class EvalSettings:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: EncodedData, split: str, s: EvalSettings) -> Predictions:
-    """One pass over ``split``: the fused prediction of every row and the mean training loss.
+def predict_modules(
+    model: nn.Module, data: EncodedData, split: str, s: EvalSettings
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One pass over ``split``: every module's output (N, dim) on the CPU, in row order, and the mean
+    training loss (per batch, weighted by its rows, as training's validation computes it).
 
     The model stays on the CPU; on a GPU each unit visits the device for its pass
     over a chunk of batches (``EvalMover``), so a model larger than the card's
@@ -142,11 +164,25 @@ def predict(model: nn.Module, data: EncodedData, split: str, s: EvalSettings) ->
             losses = module_losses(outputs, batch.targets, batch.target_mask, s.tasks)
             total += total_loss(losses, s.task_weights).item() * len(batch)
             rows += len(batch)
-            for task, pred in fuse(outputs, s.tasks, s.fusion_weights).items():
-                parts.setdefault(task, []).append(pred.cpu())
+            for module, out in outputs.items():
+                parts.setdefault(module, []).append(out.cpu())
     if rows == 0:
         raise EvaluationError(f"split {split!r} has no rows")
-    return Predictions({t: torch.cat(p) for t, p in parts.items()}, total / rows)
+    return {m: torch.cat(p) for m, p in parts.items()}, total / rows
+
+
+def predict(
+    model: nn.Module,
+    data: EncodedData,
+    split: str,
+    s: EvalSettings,
+    fusion_weights: Mapping[str, float] | None = None,
+) -> Predictions:
+    """The fused prediction of every row of ``split`` (with ``fusion_weights``, or the settings' when
+    None) and the mean training loss."""
+    outputs, model_loss = predict_modules(model, data, split, s)
+    weights = s.fusion_weights if fusion_weights is None else fusion_weights
+    return Predictions(fuse(outputs, s.tasks, dict(weights)), model_loss)
 
 
 def average_predictions(preds: Sequence[Predictions]) -> Predictions:
@@ -164,6 +200,16 @@ def split_targets(data: EncodedData, split: str) -> tuple[dict[str, torch.Tensor
     return targets, masks
 
 
+def fused_task_loss(
+    fused: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, spec: TaskSpec
+) -> torch.Tensor:
+    """The task's training loss of a fused prediction (probabilities for the classification kinds)."""
+    # Probabilities become log-probabilities: log_softmax(log p) = log p, so the model's own
+    # cross-entropy gives exactly the fused distribution's cross-entropy.
+    as_logits = torch.log(fused.clamp_min(1e-12)) if spec.is_classification else fused
+    return task_loss(as_logits, target, mask, spec)
+
+
 def score(pred: Predictions, data: EncodedData, split: str, s: EvalSettings) -> dict[str, float]:
     """fused_loss, model_loss and each task's headline metric (``<task>_accuracy`` / ``<task>_mae``)."""
     targets, masks = split_targets(data, split)
@@ -171,11 +217,8 @@ def score(pred: Predictions, data: EncodedData, split: str, s: EvalSettings) -> 
     losses, weights = [], []
     for task, spec in s.tasks.items():
         p = pred.fused[task].float()
-        # Probabilities become log-probabilities: log_softmax(log p) = log p, so the model's own
-        # cross-entropy gives exactly the fused distribution's cross-entropy.
-        as_logits = torch.log(p.clamp_min(1e-12)) if spec.is_classification else p
         if masks[task].any():
-            losses.append(task_loss(as_logits, targets[task], masks[task], spec).item())
+            losses.append(fused_task_loss(p, targets[task], masks[task], spec).item())
             weights.append(s.task_weights.get(task, 1.0))
         total, count = metric_sums(p, targets[task], masks[task], spec)
         out[f"{task}_{spec.metric}"] = total / count if count else float("nan")
@@ -184,45 +227,27 @@ def score(pred: Predictions, data: EncodedData, split: str, s: EvalSettings) -> 
     return out
 
 
+def row_metrics(pred: Predictions, data: EncodedData, split: str, s: EvalSettings) -> dict[str, np.ndarray]:
+    """Per task, the (N,) values its headline metric averages: 1.0 / 0.0 for a right / wrong argmax (an
+    accuracy), the absolute error averaged over the outputs (an MAE); NaN where the row has no target.
+    Their mean over the non-NaN rows is ``score``'s metric."""
+    targets, masks = split_targets(data, split)
+    out = {}
+    for task, spec in s.tasks.items():
+        p, t = pred.fused[task].float(), targets[task]
+        if spec.kind == "regression":
+            v = (p - t).abs().mean(-1)
+        else:
+            labels = t if spec.kind == "classification" else t.argmax(-1)
+            v = (p.argmax(-1) == labels).double()
+        values = v.double().numpy()
+        values[~masks[task].numpy()] = np.nan
+        out[f"{task}_{spec.metric}"] = values
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Weights of a method
-
-
-class SoupSum:
-    """A running sum of state dicts, so a soup of big checkpoints holds two states in memory, not k."""
-
-    def __init__(self) -> None:
-        self.total: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, state: Mapping[str, torch.Tensor]) -> None:
-        if self.count and set(state) != set(self.total):
-            raise EvaluationError(f"soup member {self.count} has different keys than member 0")
-        for k, v in state.items():
-            if not v.is_floating_point():  # counters and indices cannot be averaged; they must agree
-                if self.count and not torch.equal(self.total[k], v):
-                    raise EvaluationError(f"soup members disagree on the non-float tensor {k!r}")
-                self.total[k] = v.clone()
-            else:
-                # float64 sums: the average of 30 fp32 checkpoints is exact to fp32 precision
-                self.total[k] = self.total[k] + v.double() if self.count else v.double()
-        self.count += 1
-
-    def plus(self, state: Mapping[str, torch.Tensor]) -> SoupSum:
-        """A new sum with ``state`` added (this one unchanged)."""
-        out = SoupSum()
-        out.total, out.count = dict(self.total), self.count
-        out.add(state)
-        return out
-
-    def average(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The uniform average, in the dtypes of ``like`` (any member)."""
-        if not self.count:
-            raise EvaluationError("a soup needs at least one member")
-        return {
-            k: (v / self.count).to(like[k].dtype) if v.is_floating_point() else v.clone()
-            for k, v in self.total.items()
-        }
 
 
 def average_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -252,11 +277,16 @@ def soup_model(run: TrainingRun, epochs: Sequence[int]) -> nn.Module:
     return model_for_state(run, soup.average(state), f"soup of epochs {list(epochs)} of {run.trial_path}")
 
 
+def broken_epochs(run: TrainingRun) -> dict[int, str]:
+    """Epoch -> why its checkpoint is not usable, for the errors of a sweet spot that points at one."""
+    return {r.epoch: r.problem for r in run.checkpoints if not r.complete and r.epoch is not None}
+
+
 def iter_models(run: TrainingRun, entry: Mapping) -> Iterator[nn.Module]:
     """The model(s) a plan entry describes, built one at a time (an ensemble of big models never
     sits in memory at once): one for weight methods, several for prediction ensembles."""
     kind = entry["kind"]
-    problems = {r.epoch: r.problem for r in run.checkpoints if not r.complete and r.epoch is not None}
+    problems = broken_epochs(run)
     if kind == "crossover":
         yield build_crossover(entry["spots"], run.complete, run.meta, problems=problems)[0]
     elif kind == "crossover_ensemble":
@@ -267,6 +297,8 @@ def iter_models(run: TrainingRun, entry: Mapping) -> Iterator[nn.Module]:
             yield model_for_state(run, load_model_state(run.complete[e]), str(run.complete[e]))
     elif kind == "soup":
         yield soup_model(run, entry["epochs"])
+    elif kind == "group_soup":
+        yield build_group_soup(entry["members"], run.complete, run.meta, problems=problems)[0]
     else:
         raise EvaluationError(f"unknown plan entry kind {kind!r}")
 
@@ -301,6 +333,140 @@ def greedy_soup_epochs(
     return members
 
 
+@torch.no_grad()
+def unit_val_loss(model: nn.Module, unit: SelectionUnit, val_data: EncodedData, s: EvalSettings) -> float:
+    """The unit's validation loss as the sweet-spot table defines it: the mean of its modules' losses
+    (those > 0; group A's backbone loss is the mean of its heads'), each the mean over the "val" rows.
+
+    Only the unit runs (``RedHeart.forward_unit``): a unit reads the encoder and itself, so the other
+    units' weights cannot change its loss.  On a GPU only the unit's weights visit the device.
+    """
+    model.eval()
+    mover = EvalMover(model, s.device)
+    sums: dict[str, float] = {}
+    rows = 0
+    mover.begin_eval(unit.name)
+    try:
+        for batch in iterate_batches(val_data, "val", s.batch_size, shuffle=False, generator=None):
+            b = batch.to(s.device)
+            outputs = model.forward_unit(unit.name, b.tokens, b.mask, b.pooled)
+            for m, loss in module_losses(outputs, b.targets, b.target_mask, s.tasks).items():
+                sums[m] = sums.get(m, 0.0) + loss.item() * len(b)
+            rows += len(b)
+    finally:
+        mover.end_eval(unit.name)
+    measured = [sums[m] / rows for m in unit.modules if m in sums and sums[m] > 0]
+    if not rows or not measured:
+        raise EvaluationError(f"unit {unit.name!r}: no validation loss to measure (no rows or no target)")
+    return float(np.mean(measured))
+
+
+def group_greedy_members(
+    run: TrainingRun, spots: Mapping[str, int], val_data: EncodedData, s: EvalSettings, rule: str = "spec"
+) -> tuple[dict[str, list[int]], dict[str, dict]]:
+    """Group greedy soup: per unit, the checkpoints it keeps, and a record of every try.
+
+    Each unit walks the complete checkpoints in the order of its sweet-spot score (its recorded
+    validation loss, plus the spec's overfit penalty for a linked group under ``rule="spec"``), so its
+    sweet spot comes first; a checkpoint is kept when the unit's validation loss, recomputed on
+    ``val_data`` for the average of the kept weights and that checkpoint's, does not rise above the best
+    so far.  Every other unit holds its sweet-spot weights while a unit is chosen.  A unit that keeps
+    only its sweet spot is the crossover's unit.
+    """
+    model, _ = build_crossover(spots, run.complete, run.meta, problems=broken_epochs(run))
+    members: dict[str, list[int]] = {}
+    record: dict[str, dict] = {}
+    for unit in selection_units():
+        scores = unit_scores(run.checkpoint_table, unit, rule).dropna(subset=["score"])
+        scores = scores[scores["epoch"].isin(list(run.complete))]
+        order = [int(e) for e in scores.sort_values(["score", "epoch"], kind="stable")["epoch"]]
+        if not order or order[0] != int(spots[unit.name]):
+            raise EvaluationError(
+                f"unit {unit.name!r}: the best-scored checkpoint {order[:1]} is not its sweet spot "
+                f"{spots[unit.name]}; pass the spots select_sweet_spots chose with rule {rule!r}"
+            )
+        spot_tensors = load_unit(run.complete[order[0]], unit)
+        soup = SoupSum()
+        soup.add(spot_tensors)
+        best = unit_val_loss(model, unit, val_data, s)
+        kept, tried = [order[0]], {str(order[0]): best}
+        for epoch in order[1:]:
+            candidate = soup.plus(load_unit(run.complete[epoch], unit))
+            set_unit_tensors(model, unit, candidate.average(spot_tensors))
+            loss = unit_val_loss(model, unit, val_data, s)
+            tried[str(epoch)] = loss
+            if loss <= best:
+                kept.append(epoch)
+                soup, best = candidate, loss
+        set_unit_tensors(model, unit, spot_tensors)  # back to its sweet spot while the next unit is chosen
+        members[unit.name] = kept
+        record[unit.name] = {"order": order, "val_loss_with": tried, "val_loss": best}
+    return members, record
+
+
+def learn_fusion_weights(
+    outputs: Mapping[str, torch.Tensor], val_data: EncodedData, s: EvalSettings
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Per task, module weights (non-negative, summing to 1 over the task's modules) that minimise the
+    fused prediction's validation loss, and per task the weights and the loss before (the mean) and after.
+
+    ``outputs`` are every module's outputs on ``val_data``'s "val" rows (``predict_modules``).
+    """
+    targets, masks = split_targets(val_data, "val")
+    weights: dict[str, float] = {}
+    record: dict[str, dict] = {}
+    for task, spec in s.tasks.items():
+        members = [m for m in outputs if MODULE_TASK.get(m) == task]
+        preds = torch.stack(
+            [
+                torch.softmax(outputs[m].double(), -1) if spec.is_classification else outputs[m].double()
+                for m in members
+            ]
+        )  # (M, N, dim)
+        w, before, after = fit_simplex_weights(preds, targets[task], masks[task], spec)
+        task_weights = {m: float(x) for m, x in zip(members, w, strict=True)}
+        weights.update(task_weights)
+        record[task] = {"weights": task_weights, "val_loss_mean_fusion": before, "val_loss_learned": after}
+    return weights, record
+
+
+def fit_simplex_weights(
+    preds: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, spec: TaskSpec, max_iter: int = 100
+) -> tuple[torch.Tensor, float, float]:
+    """Weights w (M,) on the simplex minimising ``fused_task_loss`` of sum_m w_m preds[m] (preds (M, N, dim):
+    probabilities or values), with the loss at the plain mean and at w.
+
+    w is a softmax over one logit per module, starting from 0 (the plain mean), fitted by L-BFGS with a
+    strong-Wolfe line search on the whole split: no randomness, so the same inputs give the same weights.
+    """
+    logits = torch.zeros(preds.shape[0], dtype=torch.float64, requires_grad=True)
+
+    def loss_of(z: torch.Tensor) -> torch.Tensor:
+        fused = torch.einsum("m,mnd->nd", torch.softmax(z, 0), preds)  # (N, dim)
+        return fused_task_loss(fused, target, mask, spec)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_of(logits)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        before = loss_of(logits).item()
+        if bool(mask.any()) and preds.shape[0] > 1:
+            opt = torch.optim.LBFGS(
+                [logits],
+                lr=1.0,
+                max_iter=max_iter,
+                tolerance_grad=1e-9,
+                tolerance_change=1e-12,
+                line_search_fn="strong_wolfe",
+            )
+            opt.step(closure)
+        after = loss_of(logits).item()
+    return torch.softmax(logits.detach(), 0), before, after
+
+
 def select_methods(
     run: TrainingRun,
     val_data: EncodedData,
@@ -309,11 +475,15 @@ def select_methods(
     k: int = 5,
     deltas: Sequence[int] = DEFAULT_DELTAS,
     rule: str = "spec",
+    soup_window: int = 1,
+    learned_fusion: bool = True,
 ) -> dict[str, dict]:
     """The plan: what every method is, decided from validation metrics only.
 
     ``val_data`` must be ``val_only(data)``; a data set that still has a "test"
     split is refused, so the test rows cannot leak into a choice.
+    ``soup_window``: the group window soup's k (checkpoints on each side of a unit's sweet spot);
+    ``learned_fusion``: also plan the crossover with learned fusion weights.
     """
     if set(val_data.splits) != {"val"}:
         raise EvaluationError(
@@ -325,36 +495,74 @@ def select_methods(
     ranked = ranked_by_val_loss(run)
     spots = select_sweet_spots(run.checkpoint_table, rule=rule)
     top = ranked[:k]
-    return {
+    greedy_members, greedy_record = group_greedy_members(run, spots, val_data, s, rule)
+    plan: dict[str, dict] = {
         "crossover": {"kind": "crossover", "spots": spots},
         "crossover_ensemble": {
             "kind": "crossover_ensemble",
             "variants": {str(d): v for d, v in variant_spots(spots, deltas, sorted(run.complete)).items()},
         },
-        "last": {"kind": "checkpoint", "epochs": [max(run.complete)]},
-        "best_single": {"kind": "checkpoint", "epochs": [ranked[0]]},
-        "uniform_soup": {"kind": "soup", "epochs": top},
-        "greedy_soup": {"kind": "soup", "epochs": greedy_soup_epochs(run, ranked, val_data, s)},
-        "topk_ensemble": {"kind": "checkpoint", "epochs": top},
+        "group_window_soup": {
+            "kind": "group_soup",
+            "window": soup_window,
+            "members": window_members(spots, soup_window, sorted(run.complete)),
+        },
+        "group_greedy_soup": {"kind": "group_soup", "members": greedy_members, "tries": greedy_record},
     }
+    if learned_fusion:
+        crossover_model = build_crossover(spots, run.complete, run.meta, problems=broken_epochs(run))[0]
+        outputs, _ = predict_modules(crossover_model, val_data, "val", s)
+        weights, fit = learn_fusion_weights(outputs, val_data, s)
+        plan["learned_fusion"] = {"kind": "crossover", "spots": spots, "fusion_weights": weights, "fit": fit}
+    plan.update(
+        {
+            "last": {"kind": "checkpoint", "epochs": [max(run.complete)]},
+            "best_single": {"kind": "checkpoint", "epochs": [ranked[0]]},
+            "uniform_soup": {"kind": "soup", "epochs": top},
+            "greedy_soup": {"kind": "soup", "epochs": greedy_soup_epochs(run, ranked, val_data, s)},
+            "topk_ensemble": {"kind": "checkpoint", "epochs": top},
+        }
+    )
+    return plan
 
 
 # ---------------------------------------------------------------------------
 # Scoring the plan on the test split
 
 
+RowScores = dict[str, dict[str, dict[str, np.ndarray]]]
+"""``values[split][method][metric]``: (N,) per-row values (``row_metrics``)."""
+
+
 def evaluate_methods(
-    plan: Mapping[str, Mapping], run: TrainingRun, data: EncodedData, split: str, s: EvalSettings
-) -> pd.DataFrame:
-    """One row per method: its members and its scores on ``split``."""
-    rows = []
+    plan: Mapping[str, Mapping], run: TrainingRun, sets: Mapping[str, EncodedData], s: EvalSettings
+) -> tuple[pd.DataFrame, RowScores]:
+    """One row per held-out set and method (its members and its scores), and the per-row values.
+
+    ``sets`` maps a split name to the data holding it ({"test": data, "holdout": holdout}); each model
+    is built once and scored on every set.
+    """
+    rows: dict[str, list[dict]] = {split: [] for split in sets}
+    values: RowScores = {split: {} for split in sets}
     for method, entry in plan.items():
-        preds = [predict(m, data, split, s) for m in iter_models(run, entry)]
-        pred = preds[0] if len(preds) == 1 else average_predictions(preds)
-        rows.append(
-            {"method": method, "split": split, "members": _members(entry), **score(pred, data, split, s)}
-        )
-    return pd.DataFrame(rows)
+        fusion = entry.get("fusion_weights", s.fusion_weights)
+        preds: dict[str, list[Predictions]] = {split: [] for split in sets}
+        for model in iter_models(run, entry):
+            for split, data in sets.items():
+                preds[split].append(predict(model, data, split, s, fusion))
+        for split, data in sets.items():
+            pred = preds[split][0] if len(preds[split]) == 1 else average_predictions(preds[split])
+            rows[split].append(
+                {
+                    "method": method,
+                    "split": split,
+                    "rows": len(data.splits[split]),
+                    "members": _members(entry),
+                    **score(pred, data, split, s),
+                }
+            )
+            values[split][method] = row_metrics(pred, data, split, s)
+    return pd.DataFrame([r for split in sets for r in rows[split]]), values
 
 
 def _members(entry: Mapping) -> str:
@@ -362,6 +570,8 @@ def _members(entry: Mapping) -> str:
         return " ".join(f"{u}@{e}" for u, e in entry["spots"].items())
     if entry["kind"] == "crossover_ensemble":
         return " ".join(f"d{d}" for d in entry["variants"])
+    if entry["kind"] == "group_soup":
+        return " ".join(f"{u}@{','.join(str(e) for e in es)}" for u, es in entry["members"].items())
     return " ".join(f"epoch{e}" for e in entry["epochs"])
 
 
@@ -371,24 +581,30 @@ def _members(entry: Mapping) -> str:
 
 def metric_columns(results: pd.DataFrame) -> list[str]:
     """The score columns of a results table (losses and task metrics)."""
-    skip = {"method", "seed", "split", "members"}
+    skip = {"method", "seed", "split", "rows", "members"}
     return [c for c in results.columns if c not in skip and pd.api.types.is_numeric_dtype(results[c])]
 
 
+def _keys(results: pd.DataFrame) -> list[str]:
+    """What one row of a results table is per seed: a method, on one split when the table has splits."""
+    return ["method", "split"] if "split" in results.columns else ["method"]
+
+
 def aggregate_seeds(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method: number of seeds, and mean and sample std (ddof=1; NaN for one seed) of every score."""
+    """Per method (and split): number of seeds, and mean and sample std (ddof=1; NaN for one seed) of every score."""
     _check_results(results)
     cols = metric_columns(results)
-    grouped = results.groupby("method", sort=False)[cols]
+    keys = _keys(results)
+    grouped = results.groupby(keys, sort=False)[cols]
     mean = grouped.mean().add_suffix("_mean")
     std = grouped.std(ddof=1).add_suffix("_std")
-    n = results.groupby("method", sort=False)["seed"].nunique().rename("n_seeds")
+    n = results.groupby(keys, sort=False)["seed"].nunique().rename("n_seeds")
     out = pd.concat([n, mean, std], axis=1)
     return out[["n_seeds", *[c for col in cols for c in (f"{col}_mean", f"{col}_std")]]].reset_index()
 
 
 def paired_differences(results: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
-    """Per method and score: mean and std over seeds of (method − baseline), paired by seed.
+    """Per method (and split) and score: mean and std over seeds of (method − baseline), paired by seed.
 
     A seed where either side is missing is left out of that pair, and ``n_pairs`` says how many remain.
     """
@@ -398,24 +614,28 @@ def paired_differences(results: pd.DataFrame, baseline: str = BASELINE) -> pd.Da
             f"baseline {baseline!r} is not among the methods {sorted(set(results['method']))}"
         )
     cols = metric_columns(results)
-    wide = results.set_index(["seed", "method"])[cols]
-    base = wide.xs(baseline, level="method")
+    splits = results["split"].drop_duplicates().tolist() if "split" in results.columns else [None]
     rows = []
-    for method in results["method"].drop_duplicates():
-        if method == baseline:
-            continue
-        diff = (wide.xs(method, level="method") - base).dropna(how="all")
-        for col in cols:
-            d = diff[col].dropna()
-            rows.append(
-                {
-                    "method": method,
-                    "metric": col,
-                    "n_pairs": len(d),
-                    "mean_diff": float(d.mean()) if len(d) else float("nan"),
-                    "std_diff": float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
-                }
-            )
+    for split in splits:
+        part = results if split is None else results[results["split"] == split]
+        wide = part.set_index(["seed", "method"])[cols]
+        base = wide.xs(baseline, level="method")
+        for method in part["method"].drop_duplicates():
+            if method == baseline:
+                continue
+            diff = (wide.xs(method, level="method") - base).dropna(how="all")
+            for col in cols:
+                d = diff[col].dropna()
+                rows.append(
+                    {
+                        "method": method,
+                        **({} if split is None else {"split": split}),
+                        "metric": col,
+                        "n_pairs": len(d),
+                        "mean_diff": float(d.mean()) if len(d) else float("nan"),
+                        "std_diff": float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -423,10 +643,11 @@ def _check_results(results: pd.DataFrame) -> None:
     missing = {"method", "seed"} - set(results.columns)
     if missing:
         raise EvaluationError(f"results table lacks column(s) {sorted(missing)}")
-    dup = results.duplicated(subset=["method", "seed"])
+    keys = ["seed", *_keys(results)]
+    dup = results.duplicated(subset=keys)
     if dup.any():
         raise EvaluationError(
-            f"results hold a method twice for one seed: {results.loc[dup, ['method', 'seed']].values.tolist()}"
+            f"results hold a method twice for one seed: {results.loc[dup, keys].values.tolist()}"
         )
 
 
@@ -439,3 +660,41 @@ def read_results(paths: Sequence[str | Path]) -> pd.DataFrame:
             raise EvaluationError(f"{p}: no such results file; run the evaluation of that seed first")
         frames.append(pd.read_csv(p))
     return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------
+# Per-row values on disk (for the intervals over seeds)
+
+
+def save_row_scores(path: Path, values: RowScores, ids: Mapping[str, Sequence[str]]) -> Path:
+    """``values`` and each split's row ids as one .npz (``<split>/<method>/<metric>``, ``<split>/ids``)."""
+    arrays = {
+        f"{split}/{m}/{k}": v for split, by in values.items() for m, per in by.items() for k, v in per.items()
+    }
+    arrays.update({f"{split}/ids": np.asarray(list(ids[split]), dtype=str) for split in values})
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would add ".npz" to a name
+            np.savez_compressed(f, **arrays)
+
+    return write_atomic(Path(path), write)
+
+
+def load_row_scores(path: Path) -> tuple[RowScores, dict[str, list[str]]]:
+    """What ``save_row_scores`` wrote: (values, ids per split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(
+            f"{path}: no per-row scores; rerun that seed's evaluation (python run.py report)"
+        )
+    values: RowScores = {}
+    ids: dict[str, list[str]] = {}
+    with np.load(path, allow_pickle=False) as f:
+        for key in f.files:
+            split, rest = key.split("/", 1)
+            if rest == "ids":
+                ids[split] = f[key].tolist()
+            else:
+                method, metric = rest.split("/")
+                values.setdefault(split, {}).setdefault(method, {})[metric] = f[key]
+    return values, ids

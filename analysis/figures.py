@@ -132,21 +132,55 @@ def sweet_spot_heatmap(modules: pd.DataFrame, spots: dict[str, int], path: Path)
     return _save(fig, path, data)
 
 
-def methods_figure(summary: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Figure 4: crossover and ensembles against the baselines, mean ± std over seeds.
+GROUP_WISE = ("crossover", "crossover_ensemble", "group_window_soup", "group_greedy_soup", "learned_fusion")
+"""The methods built unit by unit from the group declaration (drawn in red); the rest are whole-model baselines."""
 
-    ``summary`` is ``aggregate_seeds(results)``: one row per method with
-    ``<metric>_mean`` and ``<metric>_std`` (std is NaN for a single seed: no bar).
+
+def methods_figure(intervals: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Figure 4: every method's ``metric`` on each held-out set, with its 95 % bootstrap interval.
+
+    ``intervals`` is ``analysis.uncertainty.interval_table``'s table (one row per method, split and
+    metric: the mean over seeds and the interval over resampled sentences).  One bar per method and
+    set; the group-wise methods in red, the whole-model baselines in blue; the best single checkpoint's
+    value on each set is a dashed line.
     """
-    mean, std = summary[f"{metric}_mean"], summary[f"{metric}_std"].fillna(0.0)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(summary) + 2), 4))
-    colors = ["C3" if m.startswith("crossover") else "C0" for m in summary["method"]]
-    ax.bar(summary["method"], mean, yerr=std, capsize=4, color=colors)
-    seeds = int(summary["n_seeds"].max())
-    ax.set(ylabel=metric, title=f"{metric} on the test split (mean ± std over {seeds} seed(s))")
-    ax.tick_params(axis="x", rotation=30)
+    table = intervals[intervals["metric"] == metric]
+    methods = table["method"].drop_duplicates().tolist()
+    splits = table["split"].drop_duplicates().tolist()
+    width = 0.8 / len(splits)
+    fig, ax = plt.subplots(figsize=(max(7, 0.95 * len(methods) + 2), 4.5))
+    x = np.arange(len(methods))
+    for j, split in enumerate(splits):
+        part = table[table["split"] == split].set_index("method").reindex(methods)
+        err = np.stack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]])
+        colors = ["C3" if m in GROUP_WISE else "C0" for m in methods]
+        n_rows = int(part["n_rows"].max())
+        ax.bar(
+            x + (j - (len(splits) - 1) / 2) * width,
+            part["value"],
+            width,
+            yerr=err,
+            capsize=3,
+            color=colors,
+            alpha=1.0 if j == len(splits) - 1 else 0.5,
+            label=f"{split} ({n_rows:,} rows)",
+        )
+        if "best_single" in part.index:
+            ax.axhline(part.loc["best_single", "value"], color="0.3", ls="--", lw=0.8)
+    low, high = table["ci_low"].min(), table["ci_high"].max()
+    pad = 0.15 * (high - low) if high > low else 0.01
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xticks(x, methods, rotation=30, ha="right")
+    seeds = int(table["n_seeds"].max())
+    ax.set(
+        ylabel=metric,
+        title=f"{metric}, mean over {seeds} seed(s); bars: 95 % bootstrap interval over sentences "
+        "(red: group-wise; dashed: best single)",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path, summary[["method", "n_seeds", f"{metric}_mean", f"{metric}_std"]])
+    return _save(fig, path, table)
 
 
 def memory_figure(epochs: pd.DataFrame, path: Path, details: dict[int, dict] | None = None) -> Path | None:

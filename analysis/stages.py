@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from analysis.crossover import CrossoverError
-from analysis.evaluate import EvaluationError
+from analysis.evaluate import BASELINE, EvaluationError
 from analysis.experiment import ExperimentReadError
 from analysis.figures import learning_curves_figure, lr_sweep_figure
 from analysis.pipeline import (
@@ -192,13 +192,46 @@ def _crossover(cfg: Config, t: Trained) -> None:
 
 
 def _evaluate(cfg: Config, t: Trained) -> Path:
-    """Test-split evaluation of every method; prints the table, returns results.csv."""
-    results = evaluate_all(t.experiment, t.analysis, seed=t.seed, trial=t.trial)
+    """Evaluation of every method on the test split and the held-out set; prints the tables, returns
+    results.csv."""
+    results = evaluate_all(t.experiment, t.analysis, seed=t.seed, trial=t.trial, cfg=cfg, show_progress=True)
     publish(cfg, t.analysis)
     cols = [c for c in results.columns if c.endswith(("_accuracy", "_mae")) or c == "fused_loss"]
-    print(f"[report] {t.name}: test split (selection used validation only):")
-    print(_table(results[["method", "seed", *cols]]))
+    for split, part in results.groupby("split", sort=False):
+        print(f"[report] {t.name}: {split}, {part['rows'].iloc[0]:,} rows (selection used validation only):")
+        print(_table(part[["method", "seed", *cols]]))
     return t.analysis / RESULTS_FILE
+
+
+def _mean_std(summary: pd.DataFrame) -> str:
+    """The summary's task metrics and fused loss as 'mean ± std' (std left out for one seed)."""
+    cols = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean") and c != "model_loss_mean"]
+    out = summary[[c for c in ("method", "split", "n_seeds") if c in summary.columns]].copy()
+    for c in cols:
+        mean, std = summary[f"{c}_mean"], summary[f"{c}_std"]
+        out[c] = [f"{m:.4f}" + ("" if pd.isna(d) else f" ± {d:.4f}") for m, d in zip(mean, std, strict=True)]
+    return out.to_string(index=False)
+
+
+def _print_intervals(intervals: pd.DataFrame, tag: str) -> None:
+    """Each method's difference against the best single checkpoint with its 95 % interval, per set."""
+    for split, part in intervals[intervals["method"] != BASELINE].groupby("split", sort=False):
+        print(
+            f"[{tag}] {split}: difference against the best single checkpoint [95 % paired bootstrap interval]"
+        )
+        for method, rows in part.groupby("method", sort=False):
+            cells = []
+            for r in rows.itertuples():
+                cell = f"{r.metric} {r.diff:+.4f} [{r.diff_low:+.4f}, {r.diff_high:+.4f}]"
+                if pd.notna(r.mcnemar_p):
+                    cell += f" McNemar p {r.mcnemar_p:.3g}"
+                cells.append(cell)
+            print(f"    {method:<19} " + "; ".join(cells))
+
+
+def _summarize(cfg: Config, result_files: list[Path], out: Path) -> dict:
+    a = cfg.analysis
+    return summarize_seeds(result_files, out, resamples=a.bootstrap_resamples, seed=a.bootstrap_seed)
 
 
 def analyze_stage(cfg: Config) -> None:
@@ -211,8 +244,9 @@ def crossover_stage(cfg: Config) -> None:
 
 def report_stage(cfg: Config) -> None:
     results = _evaluate(cfg, _trained(cfg))
-    summary = summarize_seeds([results], analysis_dir(cfg))
+    summary = _summarize(cfg, [results], analysis_dir(cfg))
     publish(cfg, analysis_dir(cfg))
+    _print_intervals(summary["intervals"], "report")
     print(f"[report] {results}; figure: {summary['figure']}")
 
 
@@ -245,13 +279,10 @@ def all_stages(cfg: Config, *, seeds: int = 1, explicit_lr: bool = False) -> Non
         _crossover(cfg, t)
         result_files.append(_evaluate(cfg, t))
     out = analysis_dir(cfg) if seeds == 1 else analysis_dir(cfg) / "seeds"
-    summary = summarize_seeds(result_files, out)
+    summary = _summarize(cfg, result_files, out)
     publish(cfg, out)
-    print(f"[all] mean ± std over {seeds} seed(s):\n{_table(summary['summary'])}")
-    if seeds > 1:
-        print(
-            f"[all] paired difference against the best single checkpoint:\n{_table(summary['paired_differences'])}"
-        )
+    print(f"[all] mean ± std over {seeds} seed(s):\n{_mean_std(summary['summary'])}")
+    _print_intervals(summary["intervals"], "all")
     print(f"[all] tables in {out}; figure: {summary['figure']}")
 
 

@@ -1,5 +1,6 @@
 """The analysis stages end to end on a real (fake-metric) Tune experiment: reading, sweet spots,
-crossover files, evaluation of every method, and the proof that selection never sees the test split."""
+crossover files, evaluation of every method on both held-out sets with its intervals, the group soups
+and the learned fusion, and the proof that selection never sees the test split or the held-out set."""
 
 from __future__ import annotations
 
@@ -14,14 +15,34 @@ import pytest
 import test_analysis_support as sup
 import torch
 from safetensors.torch import load_file
-from test_analysis_support import default_targets, epoch_state, fake_data, fake_meta, fake_metrics, tiny_model
+from test_analysis_support import (
+    default_targets,
+    epoch_state,
+    fake_data,
+    fake_holdout,
+    fake_meta,
+    fake_metrics,
+    tiny_model,
+)
 
 import analysis.evaluate as evaluate_module
+import analysis.pipeline as pipeline_module
 from analysis import analyze, crossover, evaluate_all, load_training_run, select_methods, val_only
-from analysis.crossover import build_crossover
-from analysis.evaluate import METHODS, EvalSettings, EvaluationError
+from analysis.crossover import build_crossover, build_group_soup, window_members
+from analysis.evaluate import (
+    METHODS,
+    EvalSettings,
+    EvaluationError,
+    group_greedy_members,
+    iter_models,
+    learn_fusion_weights,
+    load_row_scores,
+    predict_modules,
+    unit_val_loss,
+)
 from analysis.experiment import IncompleteCheckpointWarning
-from tune.config import Config, config_to_dict
+from model.groups import selection_units
+from tune.config import Config, config_to_dict, load_config
 from tune.files import write_json_atomic
 from tune.layout import CONFIG_FILE
 
@@ -159,26 +180,134 @@ def settings(data) -> EvalSettings:
 
 def test_evaluate_all_writes_results_for_every_method(experiment, tmp_path):
     path, data = experiment
+    holdout = fake_holdout()
     with pytest.warns(IncompleteCheckpointWarning):
-        results = evaluate_all(path, tmp_path, seed=0, data=data)
-    assert results["method"].tolist() == list(METHODS)
-    assert set(results["seed"]) == {0} and set(results["split"]) == {"test"}
+        results = evaluate_all(path, tmp_path, seed=0, data=data, holdout=holdout)
+    # One row per method on each held-out set, the test split first.
+    assert results["method"].tolist() == list(METHODS) * 2
+    assert results["split"].tolist() == ["test"] * len(METHODS) + ["holdout"] * len(METHODS)
+    assert results.groupby("split")["rows"].first().to_dict() == {"test": 15, "holdout": 24}
+    assert set(results["seed"]) == {0}
     for col in ("fused_loss", "emotion_accuracy", "surd_accuracy", "bentham_mae", "regret_mae"):
         assert results[col].notna().all(), col
     # A prediction ensemble has no single training objective; weight methods do.
-    assert (
-        results.set_index("method").loc["topk_ensemble", "model_loss"]
-        != results.set_index("method").loc["topk_ensemble", "model_loss"]
-    )
-    assert (
-        results.set_index("method")["model_loss"].drop(["topk_ensemble", "crossover_ensemble"]).notna().all()
-    )
+    by = results[results["split"] == "test"].set_index("method")
+    assert np.isnan(by.loc["topk_ensemble", "model_loss"])
+    assert by["model_loss"].drop(["topk_ensemble", "crossover_ensemble"]).notna().all()
+    # The learned fusion is the crossover's weights: same training objective, another fusion.
+    assert by.loc["learned_fusion", "model_loss"] == by.loc["crossover", "model_loss"]
     on_disk = pd.read_csv(tmp_path / "results.csv")
-    assert on_disk["method"].tolist() == list(METHODS)
+    assert on_disk["method"].tolist() == list(METHODS) * 2
+
     plan = json.loads((tmp_path / "selection.json").read_text())["plan"]
     assert plan["last"]["epochs"] == [12]
     assert len(plan["uniform_soup"]["epochs"]) == 5
     assert plan["greedy_soup"]["epochs"][0] == plan["best_single"]["epochs"][0]
+    spots = plan["crossover"]["spots"]
+    assert plan["group_window_soup"]["members"] == window_members(spots, 1, [2, 4, 6, 10, 12])
+    assert {u: m[0] for u, m in plan["group_greedy_soup"]["members"].items()} == spots
+    weights = plan["learned_fusion"]["fusion_weights"]
+    assert set(weights) == {m for m in plan_modules()} and min(weights.values()) >= 0
+    for task, fit in plan["learned_fusion"]["fit"].items():
+        assert sum(fit["weights"].values()) == pytest.approx(1.0), task
+        assert fit["val_loss_learned"] <= fit["val_loss_mean_fusion"] + 1e-7, task
+
+    # The per-row scores average to the table's metrics, and every method has its interval.
+    values, ids = load_row_scores(tmp_path / "row_scores.npz")
+    assert ids["holdout"] == list(holdout.ids) and ids["test"] == [data.ids[i] for i in data.splits["test"]]
+    for split in ("test", "holdout"):
+        row = results[(results["split"] == split) & (results["method"] == "group_greedy_soup")].iloc[0]
+        for metric in ("emotion_accuracy", "bentham_mae"):
+            assert np.nanmean(values[split]["group_greedy_soup"][metric]) == pytest.approx(row[metric])
+    intervals = pd.read_csv(tmp_path / "intervals.csv")
+    assert len(intervals) == 2 * len(METHODS) * 4
+    best = intervals[intervals["method"] == "best_single"]
+    assert (best["diff"] == 0).all() and best["mcnemar_p"].isna().all()
+    acc = intervals[(intervals["metric"] == "emotion_accuracy") & (intervals["method"] != "best_single")]
+    assert acc["mcnemar_p"].between(0, 1).all()
+    assert (intervals["ci_low"] <= intervals["value"] + 1e-12).all()
+    assert (intervals["value"] <= intervals["ci_high"] + 1e-12).all()
+
+
+def plan_modules() -> set[str]:
+    """Every module that predicts a task: the ones a fusion weighs."""
+    from model.groups import MODULE_TASK
+
+    return {m for m, t in MODULE_TASK.items() if t is not None}
+
+
+def test_a_group_soup_of_one_checkpoint_scores_as_the_crossover(experiment, tmp_path):
+    """soup_window=0 makes the group window soup one checkpoint per unit: the crossover itself."""
+    path, data = experiment
+    cfg = load_config(None, ["analysis.soup_window=0", "analysis.learned_fusion=false"])
+    with pytest.warns(IncompleteCheckpointWarning):
+        results = evaluate_all(path, tmp_path, data=data, holdout=fake_holdout(), cfg=cfg)
+    assert "learned_fusion" not in set(results["method"])
+    by = results.set_index(["split", "method"]).drop(columns="members")
+    for split in ("test", "holdout"):
+        pd.testing.assert_series_equal(
+            by.loc[(split, "group_window_soup")], by.loc[(split, "crossover")], check_names=False
+        )
+    with pytest.warns(IncompleteCheckpointWarning):
+        run = load_training_run(path)
+    plan = json.loads((tmp_path / "selection.json").read_text())["plan"]
+    (soup,) = iter_models(run, plan["group_window_soup"])
+    (cross,) = iter_models(run, plan["crossover"])
+    for k, v in cross.state_dict().items():
+        assert torch.equal(soup.state_dict()[k], v), k
+
+
+@pytest.fixture()
+def chosen(experiment):
+    """What selection starts from: the run, the settings, the validation view and the sweet spots."""
+    path, data = experiment
+    with pytest.warns(IncompleteCheckpointWarning):
+        run = load_training_run(path)
+    return run, settings(data), val_only(data), evaluate_module.select_sweet_spots(run.checkpoint_table)
+
+
+def test_group_greedy_soup_keeps_what_lowers_each_units_recomputed_loss(chosen):
+    from tune.loop import validate
+
+    run, s, view, spots = chosen
+    members, record = group_greedy_members(run, spots, view, s)
+    soup, _ = build_group_soup(members, run.complete, run.meta)
+    # The unit loss is training's own: validate()'s module losses, averaged over the unit's modules.
+    single = evaluate_module.model_for_state(run, evaluate_module.load_model_state(run.complete[2]))
+    measured = validate(
+        single, view, "val", tasks=s.tasks, task_weights=s.task_weights, fusion_weights={}, device=s.device
+    ).module_loss
+    for unit in selection_units():
+        kept = members[unit.name]
+        assert kept[0] == spots[unit.name] and len(set(kept)) == len(kept)
+        tried = record[unit.name]["val_loss_with"]
+        assert set(tried) == {str(e) for e in run.complete}  # every checkpoint was tried
+        assert record[unit.name]["val_loss"] <= tried[str(spots[unit.name])]  # never worse than its spot
+        # The soup that was chosen has the loss recorded for it, recomputed here from its weights.
+        assert unit_val_loss(soup, unit, view, s) == pytest.approx(record[unit.name]["val_loss"], rel=1e-6)
+        expected = np.mean([measured[m] for m in unit.modules])
+        assert unit_val_loss(single, unit, view, s) == pytest.approx(expected, rel=1e-5)
+    assert any(len(m) > 1 for m in members.values())  # some unit did keep a second checkpoint here
+
+
+def test_learned_fusion_is_deterministic_and_no_worse_than_the_mean_on_validation(chosen):
+    run, s, view, spots = chosen
+    model, _ = build_crossover(spots, run.complete, run.meta)
+    outputs, _ = predict_modules(model, view, "val", s)
+    first, fit = learn_fusion_weights(outputs, view, s)
+    again, _ = learn_fusion_weights(outputs, view, s)
+    assert first == again
+    assert set(fit) == set(s.tasks)
+    for f in fit.values():
+        assert sum(f["weights"].values()) == pytest.approx(1.0) and min(f["weights"].values()) >= 0
+        assert f["val_loss_learned"] <= f["val_loss_mean_fusion"] + 1e-7
+    assert any(f["val_loss_learned"] < f["val_loss_mean_fusion"] - 1e-4 for f in fit.values())
+    # The fused validation loss with these weights is the one the fit reports.
+    fused = evaluate_module.fuse(outputs, s.tasks, first)
+    targets, masks = evaluate_module.split_targets(view, "val")
+    for task, f in fit.items():
+        loss = evaluate_module.fused_task_loss(fused[task], targets[task], masks[task], s.tasks[task])
+        assert loss.item() == pytest.approx(f["val_loss_learned"], rel=1e-5)
 
 
 def test_evaluate_refuses_other_data_and_wrong_seed(experiment, tmp_path):
@@ -187,9 +316,9 @@ def test_evaluate_refuses_other_data_and_wrong_seed(experiment, tmp_path):
         pytest.warns(IncompleteCheckpointWarning),
         pytest.raises(EvaluationError, match="trained on data split"),
     ):
-        evaluate_all(path, tmp_path, data=fake_data(seed=1))
+        evaluate_all(path, tmp_path, data=fake_data(seed=1), holdout=None)
     with pytest.warns(IncompleteCheckpointWarning), pytest.raises(EvaluationError, match="seed 0, not 3"):
-        evaluate_all(path, tmp_path, seed=3, data=fake_data())
+        evaluate_all(path, tmp_path, seed=3, data=fake_data(), holdout=None)
 
 
 def test_selection_never_sees_the_test_split(experiment, monkeypatch):
@@ -209,7 +338,7 @@ def test_selection_never_sees_the_test_split(experiment, monkeypatch):
     with pytest.raises(EvaluationError, match="pass val_only"):
         select_methods(run, data, s)
 
-    # 3. Every pass selection makes is over "val" of the view.
+    # 3. Every pass selection makes (soups, group soups, learned fusion) is over "val" of the view.
     seen = []
     real = evaluate_module.iterate_batches
 
@@ -227,11 +356,65 @@ def test_selection_never_sees_the_test_split(experiment, monkeypatch):
     assert select_methods(run, val_only(scrambled), s) == plan
 
 
+def test_no_selection_reads_the_held_out_set(experiment, tmp_path, monkeypatch):
+    """evaluate_all is given the second held-out set; selection never reads a row of it (a spy on every
+    pass while select_methods runs), and scrambling it changes no choice and no test score."""
+    path, data = experiment
+    holdout = fake_holdout()
+    held_ids = set(holdout.ids)
+    passes: list[tuple[str, str, tuple]] = []
+    phase = ["evaluate"]
+    real_batches, real_select = evaluate_module.iterate_batches, pipeline_module.select_methods
+
+    def spy(d, split, *a, **kw):
+        passes.append((phase[0], split, d.ids))
+        return real_batches(d, split, *a, **kw)
+
+    def selecting(*a, **kw):
+        phase[0] = "select"
+        try:
+            return real_select(*a, **kw)
+        finally:
+            phase[0] = "evaluate"
+
+    monkeypatch.setattr(evaluate_module, "iterate_batches", spy)
+    monkeypatch.setattr(pipeline_module, "select_methods", selecting)
+    with pytest.warns(IncompleteCheckpointWarning):
+        results = evaluate_all(path, tmp_path / "a", data=data, holdout=holdout)
+    monkeypatch.undo()
+    selection = [(split, ids) for where, split, ids in passes if where == "select"]
+    assert selection and all(split == "val" and not held_ids & set(ids) for split, ids in selection)
+    assert any(split == "holdout" for where, split, _ in passes if where == "evaluate")  # it was scored
+
+    with pytest.warns(IncompleteCheckpointWarning):
+        again = evaluate_all(path, tmp_path / "b", data=data, holdout=_scramble_rows(holdout, "holdout"))
+    plans = [json.loads((tmp_path / d / "selection.json").read_text())["plan"] for d in ("a", "b")]
+    assert plans[0] == plans[1]
+    test = [r[r["split"] == "test"].reset_index(drop=True) for r in (results, again)]
+    pd.testing.assert_frame_equal(test[0], test[1])
+    assert not results[results["split"] == "holdout"]["fused_loss"].equals(
+        again[again["split"] == "holdout"]["fused_loss"]
+    )
+
+
+def test_a_held_out_set_that_overlaps_the_data_is_refused(experiment, tmp_path):
+    import dataclasses
+
+    path, data = experiment
+    overlapping = dataclasses.replace(fake_holdout(), ids=("row3", *fake_holdout().ids[1:]))
+    with pytest.warns(IncompleteCheckpointWarning), pytest.raises(EvaluationError, match="shares 1 record"):
+        evaluate_all(path, tmp_path, data=data, holdout=overlapping)
+
+
 def _scramble_test_rows(data):
+    return _scramble_rows(data, "test")
+
+
+def _scramble_rows(data, split):
     import dataclasses
 
     rng = np.random.default_rng(123)
-    rows = data.splits["test"]
+    rows = data.splits[split]
     targets = {t: v.copy() for t, v in data.targets.items()}
     for v in targets.values():
         v[rows] = rng.permutation(v[rows]) if v.ndim == 1 else rng.random(v[rows].shape).astype(v.dtype)

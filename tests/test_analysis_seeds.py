@@ -1,13 +1,20 @@
-"""Aggregation of results.csv rows over seeds (pure pandas, no Ray, no model)."""
+"""Aggregation of results.csv rows over seeds (pure pandas and numpy, no Ray, no model)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.evaluate import EvaluationError, aggregate_seeds, paired_differences, read_results
+from analysis.evaluate import (
+    EvaluationError,
+    aggregate_seeds,
+    paired_differences,
+    read_results,
+    save_row_scores,
+)
 
 
 def results() -> pd.DataFrame:
@@ -78,22 +85,52 @@ def test_bad_inputs(tmp_path):
     assert len(read_results([tmp_path / "a.csv"])) == len(r)
 
 
-def test_summarize_seeds_writes_tables_and_figure(tmp_path):
+def test_two_splits_are_aggregated_apart():
+    r = results()
+    both = pd.concat([r, r.assign(split="holdout", emotion_accuracy=r["emotion_accuracy"] + 0.1)])
+    s = aggregate_seeds(both).set_index(["method", "split"])
+    assert s.loc[("best_single", "holdout"), "emotion_accuracy_mean"] == pytest.approx(0.7)
+    assert s.loc[("best_single", "test"), "emotion_accuracy_mean"] == pytest.approx(0.6)
+    d = paired_differences(both).set_index(["method", "split", "metric"])
+    assert d.loc[("crossover", "holdout", "emotion_accuracy"), "mean_diff"] == pytest.approx(0.14 / 3)
+    with pytest.raises(EvaluationError, match="twice for one seed"):
+        aggregate_seeds(pd.concat([both, both.iloc[:1]]))
+
+
+def test_summarize_seeds_writes_tables_intervals_and_figure(tmp_path):
     from analysis import summarize_seeds
 
     r = results()
+    rng = np.random.default_rng(0)
     files = []
     for seed, part in r.groupby("seed"):
         files.append(tmp_path / f"seed{seed}" / "results.csv")
         files[-1].parent.mkdir()
         part.to_csv(files[-1], index=False)
-    out = summarize_seeds(files, tmp_path / "summary")
+        rows = {
+            m: {"emotion_accuracy": (rng.random(50) < 0.6).astype(float)}
+            for m in ("best_single", "crossover")
+        }
+        save_row_scores(
+            files[-1].with_name("row_scores.npz"), {"test": rows}, {"test": [f"r{i}" for i in range(50)]}
+        )
+    out = summarize_seeds(files, tmp_path / "summary", resamples=200)
     assert set(out["summary"]["method"]) == {"best_single", "crossover"}
     for name in (
         "results_all_seeds.csv",
         "results_summary.csv",
         "paired_differences.csv",
+        "intervals_summary.csv",
         "methods_emotion_accuracy.png",
     ):
         assert (tmp_path / "summary" / name).stat().st_size > 0
+    intervals = pd.read_csv(tmp_path / "summary" / "intervals_summary.csv")
+    assert set(intervals["n_seeds"]) == {3} and set(intervals["n_rows"]) == {50}
     assert len(pd.read_csv(tmp_path / "summary" / "methods_emotion_accuracy.csv")) == 2
+
+    # Seeds scored on other sentences cannot be paired.
+    save_row_scores(
+        files[2].with_name("row_scores.npz"), {"test": rows}, {"test": [f"x{i}" for i in range(50)]}
+    )
+    with pytest.raises(EvaluationError, match="other sentences"):
+        summarize_seeds(files, tmp_path / "summary", resamples=200)

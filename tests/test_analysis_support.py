@@ -154,3 +154,16 @@ def fake_data(n: int = 60, seed: int = 0) -> EncodedData:
         encoder="fake==0",
         max_tokens=5,
     )
+
+
+def fake_holdout(n: int = 24, seed: int = 7) -> EncodedData:
+    """A second held-out set for ``fake_data``'s tasks and input width: its own rows and ids, one split "holdout"."""
+    import dataclasses
+
+    rows = fake_data(n, seed)
+    ids = tuple(f"held{i}" for i in range(n))
+    splits = {"holdout": np.arange(n, dtype=np.int64)}
+    params = {"source": "fake-holdout", "seed": seed}
+    return dataclasses.replace(
+        rows, ids=ids, splits=splits, split_params=params, fingerprint=split_fingerprint(ids, splits, params)
+    )

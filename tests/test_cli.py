@@ -60,13 +60,16 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
     assert set(results["method"]) == {
         "crossover",
         "crossover_ensemble",
+        "group_window_soup",
+        "group_greedy_soup",
+        "learned_fusion",
         "last",
         "best_single",
         "uniform_soup",
         "greedy_soup",
         "topk_ensemble",
     }
-    assert (results["split"] == "test").all()
+    assert results.groupby("split")["rows"].first().to_dict() == {"test": 60, "holdout": 300}
     # Ray's own hint pointed TensorBoard into its temporary session folder; the experiment's is printed.
     assert f"tensorboard --logdir {run / 'train'}" in first.stdout and "/tmp/ray/session" not in first.stdout
     assert "Token authentication is enabled" not in first.stderr

@@ -141,6 +141,6 @@ def test_sweep_across_two_nodes_then_analysis_from_the_bucket_alone(s3, cluster,
         assert f"redheart/runs/smoke/{f}" in stored, f
     with fs.open_input_stream("redheart/runs/smoke/analysis/results.csv") as f:
         results = pd.read_csv(f)
-    assert len(results) == 7 and (results["split"] == "test").all()
+    assert len(results) == 2 * 10 and set(results["split"]) == {"test", "holdout"}
     status = run_py("status", *elsewhere)
     assert status.returncode == 0 and "epoch 4/4 (100 %)" in status.stdout, status.stdout + status.stderr
