@@ -26,6 +26,7 @@ mkdir -p "$OUT"
 # The 730M `all` run: a few hundred VADER sentences, a 3-epoch sweep over two LRs (the rule needs 3 epochs),
 # 4 training epochs, under the spec's 8 GiB budget with a 0.5 GPU share per trial.
 ALL730M=(configs/redheart-730m.yaml data.source=vader data.path=null data.max_samples=384 data.max_tokens=64
+  data.holdout_max_samples=1000
   "data.cache_dir=$CACHE" "sweep.lrs=[1.0e-4,5.0e-4]" sweep.epochs=3 train.epochs=4 resources.gpu=0.5
   resources.cpus_per_trial=4 memory.gpu_budget_gb=8 "run.output_root=$OUT/runs" run.name=gpu730m)
 MID=(configs/default.yaml model.preset=mid optim.batch_size=16 optim.grad_accum=4 resources.gpu=0.5
@@ -47,16 +48,18 @@ if has prepare; then
   $PY - "${ALL730M[@]}" <<'EOF'
 import sys
 from tune.config import cache_dir, load_config
-from tune.data import prepare_data
+from tune.data import prepare_data, prepare_holdout
 cfg = load_config(sys.argv[1], sys.argv[2:])
 print(prepare_data(cfg.data, cache_dir(cfg), show_progress=True).summary())
+prepare_holdout(cfg.data, cache_dir(cfg), show_progress=True)  # the held-out set the report scores
 EOF
   $PY - "${MID[@]}" <<'EOF'
 import sys
 from tune.config import cache_dir, load_config
-from tune.data import prepare_data
+from tune.data import prepare_data, prepare_holdout
 cfg = load_config(sys.argv[1], sys.argv[2:])
 print(prepare_data(cfg.data, cache_dir(cfg), show_progress=True).summary())
+prepare_holdout(cfg.data, cache_dir(cfg), show_progress=True)  # the held-out set the report scores
 EOF
 fi
 
