@@ -27,6 +27,7 @@ from tune.layout import analysis_dir, best_lr_path, experiment_dir, final_dir, r
 from tune.progress import PROGRESS_FILE, WRITE_EVERY_S, format_seconds
 from tune.runner import (
     NOT_READ_BY,
+    ExperimentError,
     ExperimentStatus,
     config_differences,
     dedupe_epochs,
@@ -35,6 +36,7 @@ from tune.runner import (
     newest_checkpoint_epoch,
 )
 from tune.storage import fetch
+from tune.train import choose_lr, with_lr
 
 
 def _differences(stored: Config, cfg: Config, stage: str) -> list[str]:
@@ -73,6 +75,18 @@ def _sweep_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
                 f"    lr {trial.config['lr']:.2e}: {epochs}/{stored.sweep.epochs} epochs, {trial.status}"
             )
     return lines + _differences(stored, cfg, "sweep")
+
+
+def training_config(cfg: Config, command: str) -> Config:
+    """The config ``train`` and ``all`` would run with: the peak LR from the run's own sweep unless
+    ``optim.lr=`` is in ``command`` (status used to compare the stored training with the config file's
+    optim.lr, and call a run that ``all`` reuses "refused")."""
+    explicit = any(arg.startswith("optim.lr=") for arg in command.split())
+    try:
+        lr, _ = choose_lr(cfg, explicit_lr=explicit)
+    except ExperimentError:  # the sweep ran another configuration: the training's own line says what differs
+        return cfg
+    return with_lr(cfg, lr)
 
 
 def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
@@ -208,7 +222,11 @@ def run_status(cfg: Config, command: str) -> list[str]:
     now = time.time()
     lines = [f"[status] run {cfg.run.name!r} in {run_dir(cfg)}"]
     lines += _sweep_lines(sweep, cfg) + live_lines(sweep, now) if sweep else ["  sweep     not started"]
-    lines += _train_lines(train, cfg) + live_lines(train, now) if train else ["  training  not started"]
+    lines += (
+        _train_lines(train, training_config(cfg, command)) + live_lines(train, now)
+        if train
+        else ["  training  not started"]
+    )
     steps = [
         ("analyze", analysis_dir(cfg) / SWEET_SPOTS_FILE),
         ("crossover", final_dir(cfg) / CROSSOVER_FILE),

@@ -213,3 +213,18 @@ def test_all_with_seeds_trains_the_further_seeds_as_one_tune_experiment(tmp_path
     assert set(summary["n_seeds"]) == {3}
     again = run_py(*args[:-1], "4")
     assert again.returncode == 2 and "trained seeds [1, 2]; [1, 2, 3] now" in again.stderr
+
+
+def test_status_compares_the_training_with_the_lr_train_would_use(tmp_path):
+    from analysis.status import training_config
+    from tune.config import load_config
+    from tune.layout import best_lr_path
+
+    cfg = load_config(REPO / "configs" / "default.yaml", [f"run.output_root={tmp_path}"])
+    assert training_config(cfg, "").optim.lr == cfg.optim.lr  # no sweep yet: the config's LR
+    best = best_lr_path(cfg)
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"best_lr": 5e-4, "experiment": str(tmp_path / "gone")}))
+    # The run's own sweep decides, as in `train` and `all` (status used to call such a run "refused").
+    assert training_config(cfg, "").optim.lr == 5e-4
+    assert training_config(cfg, "configs/default.yaml optim.lr=2e-3").optim.lr == cfg.optim.lr
