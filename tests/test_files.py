@@ -30,3 +30,17 @@ def test_sha256_file_reads_in_blocks(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_an_atomic_write_gets_the_permissions_a_plain_write_would(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic = write_json_atomic(tmp_path / "results.json", {"a": 1})
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(old)
+    # mkstemp's 0600 made every result, manifest and config unreadable to the rest of a research group.
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
