@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -33,8 +34,6 @@ def test_sha256_file_reads_in_blocks(tmp_path):
 
 
 def test_an_atomic_write_gets_the_permissions_a_plain_write_would(tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         atomic = write_json_atomic(tmp_path / "results.json", {"a": 1})
