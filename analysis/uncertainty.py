@@ -13,7 +13,9 @@ scored on the same sentences, so every comparison is paired.
   to every seed's predictions of the same sentences: the interval says how much
   the choice of test sentences moves the seed-averaged number, for these seeds.
 - ``mcnemar_exact`` is McNemar's exact test (the two-sided binomial test on the
-  discordant pairs, no continuity correction needed) for an accuracy metric.
+  discordant pairs, no continuity correction needed) for an accuracy metric;
+  ``mcnemar_agreeing`` combines the seeds' tests into one p that every seed differs
+  in the same direction.
 
     table = interval_table({0: {"test": {"crossover": {"emotion_accuracy": values, ...}, ...}}},
                            baseline="best_single", resamples=10_000, seed=0)
@@ -21,7 +23,7 @@ scored on the same sentences, so every comparison is paired.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,6 +55,24 @@ def mcnemar_exact(base: np.ndarray, other: np.ndarray) -> tuple[int, int, float]
     return b, c, float(min(1.0, 2.0 * binom.cdf(min(b, c), b + c, 0.5)))
 
 
+def mcnemar_agreeing(tests: Sequence[tuple[int, int, float]]) -> float:
+    """One p for McNemar's test over several seeds: that every seed differs from the baseline in the
+    direction of the summed difference (c − b), an intersection-union test.
+
+    Twice the largest one-sided exact p of any seed in that direction, capped at 1.  For one seed it
+    is ``mcnemar_exact``'s two-sided p; a seed that goes the other way makes it about 1 (the largest
+    two-sided p of the seeds would call two seeds that disagree, each clearly, significant).
+    """
+    direction = sum(c - b for b, c, _ in tests)
+    if direction == 0:
+        return 1.0
+    worst = 0.0
+    for b, c, _ in tests:
+        toward, away = (c, b) if direction > 0 else (b, c)
+        worst = max(worst, float(binom.sf(toward - 1, toward + away, 0.5)) if toward + away else 1.0)
+    return min(1.0, 2.0 * worst)
+
+
 def resample_counts(n: int, resamples: int, seed: int, chunk: int = CHUNK) -> Iterator[np.ndarray]:
     """Bootstrap resamples of ``n`` rows as count matrices (b, n) float64, ``resamples`` rows in all:
     row r counts how often each row was drawn in resample r.  The same ``seed`` gives the same resamples."""
@@ -72,6 +92,8 @@ def _check_rows(values: RowValues, split: str) -> int:
     first = values[min(values)][split]
     layout = {m: sorted(v) for m, v in first.items()}
     for seed, by_split in values.items():
+        if split not in by_split:
+            raise ValueError(f"seed {seed} has no per-row values of split {split!r} (has {sorted(by_split)})")
         if {m: sorted(v) for m, v in by_split[split].items()} != layout:
             raise ValueError(
                 f"split {split!r}: seed {seed} has other methods or metrics than seed {min(values)}"
@@ -89,8 +111,9 @@ def interval_table(
 ) -> pd.DataFrame:
     """Per split, method and metric: the metric (mean over seeds) and its ``level`` bootstrap interval, the
     paired difference against ``baseline`` and its interval, and for an accuracy metric McNemar's exact
-    test against the baseline (b, c summed over the seeds; ``mcnemar_p`` the largest p of any seed,
-    ``mcnemar_p_each`` every seed's).  Every seed must have the same methods and rows per split."""
+    test against the baseline (b, c summed over the seeds; ``mcnemar_p`` the test that every seed differs
+    in the same direction, ``mcnemar_agreeing``; ``mcnemar_p_each`` every seed's two-sided p and
+    ``mcnemar_bc_each`` its b/c).  Every seed must have the same methods and rows per split."""
     seeds = sorted(values)
     splits = list(values[seeds[0]])
     lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
@@ -139,12 +162,13 @@ def interval_table(
                     row.update(
                         mcnemar_b=sum(t[0] for t in tests),
                         mcnemar_c=sum(t[1] for t in tests),
-                        mcnemar_p=max(t[2] for t in tests),
+                        mcnemar_p=mcnemar_agreeing(tests),
                         mcnemar_p_each=" ".join(f"{t[2]:.4g}" for t in tests),
+                        mcnemar_bc_each=" ".join(f"{t[0]}/{t[1]}" for t in tests),
                     )
                 rows.append(row)
     out = pd.DataFrame(rows)
-    for c in ("mcnemar_b", "mcnemar_c", "mcnemar_p", "mcnemar_p_each"):
+    for c in ("mcnemar_b", "mcnemar_c", "mcnemar_p", "mcnemar_p_each", "mcnemar_bc_each"):
         if c not in out.columns:
             out[c] = np.nan
     return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from analysis.uncertainty import interval_table, mcnemar_exact, resample_counts
+from analysis.uncertainty import interval_table, mcnemar_agreeing, mcnemar_exact, resample_counts
 
 
 def test_mcnemar_exact_matches_the_binomial_test():
@@ -66,10 +66,36 @@ def test_several_seeds_average_and_missing_targets_are_left_out():
     expected = np.mean([per_seed[s]["test"]["m"]["emotion_accuracy"].mean() for s in range(3)])
     assert row["n_seeds"] == 3 and row["value"] == pytest.approx(expected)
     assert len(row["mcnemar_p_each"].split()) == 3
-    assert row["mcnemar_p"] == max(float(p) for p in row["mcnemar_p_each"].split())
+    assert len(row["mcnemar_bc_each"].split()) == 3
+    # Seed 0's "m" is the baseline itself (no discordant row): no evidence that every seed differs.
+    assert row["mcnemar_bc_each"].split()[0] == "0/0" and row["mcnemar_p"] == 1
     assert t.loc[("m", "regret_mae"), "n_rows"] == 400
     with pytest.raises(ValueError, match="baseline 'nope'"):
         interval_table(per_seed, baseline="nope", resamples=100, seed=0)
     per_seed[2]["test"]["m"]["emotion_accuracy"] = np.zeros(10)
     with pytest.raises(ValueError, match="different lengths"):
         interval_table(per_seed, baseline="best_single", resamples=100, seed=0)
+    per_seed[1] = {"holdout": per_seed[1]["test"]}
+    with pytest.raises(ValueError, match="seed 1 has no per-row values of split 'test'"):
+        interval_table(per_seed, baseline="best_single", resamples=100, seed=0)
+
+
+def test_mcnemar_over_seeds_needs_every_seed_to_agree_in_direction():
+    n = 5000
+    base = np.zeros(n)
+    better, worse = base.copy(), base.copy()
+    better[:150] = 1.0  # 150 rows only the method gets right
+    base_b = base.copy()
+    base_b[:150] = 1.0  # seed 1: 150 rows only the baseline gets right
+    values = {
+        0: {"test": {"best_single": {"emotion_accuracy": base}, "m": {"emotion_accuracy": better}}},
+        1: {"test": {"best_single": {"emotion_accuracy": base_b}, "m": {"emotion_accuracy": worse}}},
+    }
+    row = interval_table(values, baseline="best_single", resamples=200, seed=0).set_index("method").loc["m"]
+    # Each seed alone is overwhelming (p ~ 1e-45), in opposite directions: together no evidence at all.
+    assert [float(p) for p in row["mcnemar_p_each"].split()] == [pytest.approx(0, abs=1e-40)] * 2
+    assert row["diff"] == 0 and row["mcnemar_bc_each"] == "0/150 150/0" and row["mcnemar_p"] == 1
+    # Seeds that agree: the weakest seed decides; one seed is the two-sided exact test.
+    assert mcnemar_agreeing([(2, 12, 0.0), (1, 20, 0.0)]) == pytest.approx(binomtest(12, 14, 0.5).pvalue)
+    assert mcnemar_agreeing([(5, 1, 0.0)]) == pytest.approx(binomtest(1, 6, 0.5).pvalue)
+    assert mcnemar_agreeing([(3, 3, 0.0)]) == 1.0
