@@ -255,9 +255,11 @@ def assemble_soup_state(
             "keys": len(tensors),
         }
     missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-    assert not missing and not extra, (
-        f"units do not cover the model: missing {missing[:5]}, extra {extra[:5]}"
-    )
+    if missing or extra:  # the group declaration and the checkpoints' files disagree
+        raise CrossoverError(
+            f"the selection units do not cover the model: missing {missing[:5]}, extra {extra[:5]}; "
+            "check model/groups.py against the checkpoints' group files"
+        )
     return state, sources
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -362,29 +363,29 @@ def unit_val_loss(model: nn.Module, unit: SelectionUnit, val_data: EncodedData, 
 
 
 def group_greedy_members(
-    run: TrainingRun, spots: Mapping[str, int], val_data: EncodedData, s: EvalSettings, rule: str = "spec"
+    run: TrainingRun, spots: Mapping[str, int], val_data: EncodedData, s: EvalSettings
 ) -> tuple[dict[str, list[int]], dict[str, dict]]:
     """Group greedy soup: per unit, the checkpoints it keeps, and a record of every try.
 
-    Each unit walks the complete checkpoints in the order of its sweet-spot score (its recorded
-    validation loss, plus the spec's overfit penalty for a linked group under ``rule="spec"``), so its
-    sweet spot comes first; a checkpoint is kept when the unit's validation loss, recomputed on
-    ``val_data`` for the average of the kept weights and that checkpoint's, does not rise above the best
-    so far.  Every other unit holds its sweet-spot weights while a unit is chosen.  A unit that keeps
-    only its sweet spot is the crossover's unit.
+    Each unit starts from its sweet spot (``spots``) and walks the other complete checkpoints
+    in the order of its own recorded validation loss (the mean of its modules' losses; no overfit
+    penalty); a checkpoint is kept when the unit's validation loss, recomputed on ``val_data`` for the
+    average of the kept weights and that checkpoint's, does not rise above the best so far.  Every
+    other unit holds its sweet-spot weights while a unit is chosen.  A unit that keeps only its sweet
+    spot is the crossover's unit.
     """
     model, _ = build_crossover(spots, run.complete, run.meta, problems=broken_epochs(run))
     members: dict[str, list[int]] = {}
     record: dict[str, dict] = {}
     for unit in selection_units():
-        scores = unit_scores(run.checkpoint_table, unit, rule).dropna(subset=["score"])
-        scores = scores[scores["epoch"].isin(list(run.complete))]
-        order = [int(e) for e in scores.sort_values(["score", "epoch"], kind="stable")["epoch"]]
-        if not order or order[0] != int(spots[unit.name]):
+        spot = int(spots[unit.name])
+        if spot not in run.complete:
             raise EvaluationError(
-                f"unit {unit.name!r}: the best-scored checkpoint {order[:1]} is not its sweet spot "
-                f"{spots[unit.name]}; pass the spots select_sweet_spots chose with rule {rule!r}"
+                f"unit {unit.name!r}: its sweet spot {spot} is not a complete checkpoint of {run.path}"
             )
+        losses = unit_scores(run.checkpoint_table, unit).dropna(subset=["unit_loss"])
+        losses = losses[losses["epoch"].isin(list(run.complete)) & (losses["epoch"] != spot)]
+        order = [spot, *(int(e) for e in losses.sort_values(["unit_loss", "epoch"], kind="stable")["epoch"])]
         spot_tensors = load_unit(run.complete[order[0]], unit)
         soup = SoupSum()
         soup.add(spot_tensors)
@@ -408,38 +409,54 @@ def learn_fusion_weights(
     outputs: Mapping[str, torch.Tensor], val_data: EncodedData, s: EvalSettings
 ) -> tuple[dict[str, float], dict[str, dict]]:
     """Per task, module weights (non-negative, summing to 1 over the task's modules) that minimise the
-    fused prediction's validation loss, and per task the weights and the loss before (the mean) and after.
+    fused prediction's validation loss, and per task the weights and the loss before and after.
 
-    ``outputs`` are every module's outputs on ``val_data``'s "val" rows (``predict_modules``).
+    ``outputs`` are every module's outputs on ``val_data``'s "val" rows (``predict_modules``).  The fit
+    starts from the crossover's own fusion (``s.fusion_weights``, 1.0 where missing, normalised); a
+    module the config weighs 0 stays at 0.
     """
     targets, masks = split_targets(val_data, "val")
     weights: dict[str, float] = {}
     record: dict[str, dict] = {}
     for task, spec in s.tasks.items():
         members = [m for m in outputs if MODULE_TASK.get(m) == task]
+        weights.update({m: 0.0 for m in members if s.fusion_weights.get(m, 1.0) <= 0})
+        members = [m for m in members if s.fusion_weights.get(m, 1.0) > 0]
+        if not members:
+            continue
         preds = torch.stack(
             [
                 torch.softmax(outputs[m].double(), -1) if spec.is_classification else outputs[m].double()
                 for m in members
             ]
         )  # (M, N, dim)
-        w, before, after = fit_simplex_weights(preds, targets[task], masks[task], spec)
+        start = torch.tensor([s.fusion_weights.get(m, 1.0) for m in members], dtype=torch.float64)
+        w, before, after = fit_simplex_weights(preds, targets[task], masks[task], spec, start)
         task_weights = {m: float(x) for m, x in zip(members, w, strict=True)}
         weights.update(task_weights)
-        record[task] = {"weights": task_weights, "val_loss_mean_fusion": before, "val_loss_learned": after}
+        record[task] = {"weights": task_weights, "val_loss_config_fusion": before, "val_loss_learned": after}
     return weights, record
 
 
 def fit_simplex_weights(
-    preds: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, spec: TaskSpec, max_iter: int = 100
+    preds: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    spec: TaskSpec,
+    start: torch.Tensor | None = None,
+    max_iter: int = 100,
 ) -> tuple[torch.Tensor, float, float]:
     """Weights w (M,) on the simplex minimising ``fused_task_loss`` of sum_m w_m preds[m] (preds (M, N, dim):
-    probabilities or values), with the loss at the plain mean and at w.
+    probabilities or values), with the loss at the start and at w.
 
-    w is a softmax over one logit per module, starting from 0 (the plain mean), fitted by L-BFGS with a
-    strong-Wolfe line search on the whole split: no randomness, so the same inputs give the same weights.
+    w is a softmax over one logit per module, starting from ``start`` (positive weights, normalised;
+    None: the plain mean), fitted by L-BFGS with a strong-Wolfe line search on the whole split: no
+    randomness, so the same inputs give the same weights.  A fit that ends non-finite or above its
+    start returns the start.
     """
-    logits = torch.zeros(preds.shape[0], dtype=torch.float64, requires_grad=True)
+    first = torch.ones(preds.shape[0], dtype=torch.float64) if start is None else start.double()
+    initial = torch.log(first / first.sum())
+    logits = initial.clone().requires_grad_(True)
 
     def loss_of(z: torch.Tensor) -> torch.Tensor:
         fused = torch.einsum("m,mnd->nd", torch.softmax(z, 0), preds)  # (N, dim)
@@ -464,6 +481,8 @@ def fit_simplex_weights(
             )
             opt.step(closure)
         after = loss_of(logits).item()
+    if not (math.isfinite(after) and after <= before and bool(torch.isfinite(logits).all())):
+        return torch.softmax(initial, 0), before, before
     return torch.softmax(logits.detach(), 0), before, after
 
 
@@ -495,7 +514,7 @@ def select_methods(
     ranked = ranked_by_val_loss(run)
     spots = select_sweet_spots(run.checkpoint_table, rule=rule)
     top = ranked[:k]
-    greedy_members, greedy_record = group_greedy_members(run, spots, val_data, s, rule)
+    greedy_members, greedy_record = group_greedy_members(run, spots, val_data, s)
     plan: dict[str, dict] = {
         "crossover": {"kind": "crossover", "spots": spots},
         "crossover_ensemble": {

@@ -4,7 +4,9 @@ and the learned fusion, and the proof that selection never sees the test split o
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +35,7 @@ from analysis.evaluate import (
     METHODS,
     EvalSettings,
     EvaluationError,
+    fit_simplex_weights,
     group_greedy_members,
     iter_models,
     learn_fusion_weights,
@@ -41,6 +44,7 @@ from analysis.evaluate import (
     unit_val_loss,
 )
 from analysis.experiment import IncompleteCheckpointWarning
+from analysis.sweet_spots import unit_scores
 from model.groups import selection_units
 from tune.config import Config, config_to_dict, load_config
 from tune.files import write_json_atomic
@@ -210,7 +214,7 @@ def test_evaluate_all_writes_results_for_every_method(experiment, tmp_path):
     assert set(weights) == {m for m in plan_modules()} and min(weights.values()) >= 0
     for task, fit in plan["learned_fusion"]["fit"].items():
         assert sum(fit["weights"].values()) == pytest.approx(1.0), task
-        assert fit["val_loss_learned"] <= fit["val_loss_mean_fusion"] + 1e-7, task
+        assert fit["val_loss_learned"] <= fit["val_loss_config_fusion"] + 1e-7, task
 
     # The per-row scores average to the table's metrics, and every method has its interval.
     values, ids = load_row_scores(tmp_path / "row_scores.npz")
@@ -277,17 +281,30 @@ def test_group_greedy_soup_keeps_what_lowers_each_units_recomputed_loss(chosen):
     measured = validate(
         single, view, "val", tasks=s.tasks, task_weights=s.task_weights, fusion_weights={}, device=s.device
     ).module_loss
+    rejected = 0
     for unit in selection_units():
         kept = members[unit.name]
         assert kept[0] == spots[unit.name] and len(set(kept)) == len(kept)
         tried = record[unit.name]["val_loss_with"]
         assert set(tried) == {str(e) for e in run.complete}  # every checkpoint was tried
-        assert record[unit.name]["val_loss"] <= tried[str(spots[unit.name])]  # never worse than its spot
+        # The sweet spot first, then the unit's own recorded validation loss, lowest first (no penalty).
+        order = record[unit.name]["order"]
+        recorded = unit_scores(run.checkpoint_table, unit).set_index("epoch")["unit_loss"]
+        assert order[0] == spots[unit.name] and list(recorded[order[1:]]) == sorted(recorded[order[1:]])
+        # Replaying the rule on the recorded losses keeps exactly the members chosen.
+        best, replay = tried[str(order[0])], [order[0]]
+        for epoch in order[1:]:
+            if tried[str(epoch)] <= best:
+                replay.append(epoch)
+                best = tried[str(epoch)]
+        assert replay == kept and record[unit.name]["val_loss"] == best
+        rejected += len(order) - len(kept)
         # The soup that was chosen has the loss recorded for it, recomputed here from its weights.
         assert unit_val_loss(soup, unit, view, s) == pytest.approx(record[unit.name]["val_loss"], rel=1e-6)
         expected = np.mean([measured[m] for m in unit.modules])
         assert unit_val_loss(single, unit, view, s) == pytest.approx(expected, rel=1e-5)
     assert any(len(m) > 1 for m in members.values())  # some unit did keep a second checkpoint here
+    assert rejected > 0  # ...and some checkpoint raised a unit's loss and was left out
 
 
 def test_learned_fusion_is_deterministic_and_no_worse_than_the_mean_on_validation(chosen):
@@ -300,14 +317,39 @@ def test_learned_fusion_is_deterministic_and_no_worse_than_the_mean_on_validatio
     assert set(fit) == set(s.tasks)
     for f in fit.values():
         assert sum(f["weights"].values()) == pytest.approx(1.0) and min(f["weights"].values()) >= 0
-        assert f["val_loss_learned"] <= f["val_loss_mean_fusion"] + 1e-7
-    assert any(f["val_loss_learned"] < f["val_loss_mean_fusion"] - 1e-4 for f in fit.values())
+        assert f["val_loss_learned"] <= f["val_loss_config_fusion"] + 1e-7
+    assert any(f["val_loss_learned"] < f["val_loss_config_fusion"] - 1e-4 for f in fit.values())
     # The fused validation loss with these weights is the one the fit reports.
     fused = evaluate_module.fuse(outputs, s.tasks, first)
     targets, masks = evaluate_module.split_targets(view, "val")
     for task, f in fit.items():
         loss = evaluate_module.fused_task_loss(fused[task], targets[task], masks[task], s.tasks[task])
         assert loss.item() == pytest.approx(f["val_loss_learned"], rel=1e-5)
+    # The fit starts from the crossover's own fusion: a module the config switches off stays off, and
+    # "before" is the loss of that configured fusion, not of the plain mean.
+    off = next(m for m in outputs if evaluate_module.MODULE_TASK.get(m) == "emotion")
+    configured = dataclasses.replace(s, fusion_weights={off: 0.0})
+    weights, fit = learn_fusion_weights(outputs, view, configured)
+    assert weights[off] == 0.0 and off not in fit["emotion"]["weights"]
+    mean = evaluate_module.fuse(outputs, s.tasks, {off: 0.0})["emotion"]
+    before = evaluate_module.fused_task_loss(mean, targets["emotion"], masks["emotion"], s.tasks["emotion"])
+    assert fit["emotion"]["val_loss_config_fusion"] == pytest.approx(before.item(), rel=1e-6)
+
+
+def test_a_fusion_fit_that_ends_non_finite_keeps_its_start():
+    from tune.data import task_specs
+
+    spec = task_specs("vader")["emotion"]
+    gen = torch.Generator().manual_seed(0)
+    preds = torch.softmax(torch.randn(3, 50, 3, dtype=torch.float64, generator=gen), -1)
+    target = torch.softmax(torch.randn(50, 3, dtype=torch.float64, generator=gen), -1)
+    rows = torch.ones(50, dtype=torch.bool)
+    start = torch.tensor([1.0, 1.0, 2.0])
+    w, before, after = fit_simplex_weights(preds, target, rows, spec, start)
+    assert math.isfinite(after) and after < before and w.tolist() != pytest.approx([0.25, 0.25, 0.5])
+    preds[1, 7] = float("nan")  # one broken prediction: the loss, and any fit, is NaN
+    w, before, after = fit_simplex_weights(preds, target, rows, spec, start)
+    assert w.tolist() == pytest.approx([0.25, 0.25, 0.5]) and math.isnan(after)
 
 
 def test_evaluate_refuses_other_data_and_wrong_seed(experiment, tmp_path):
