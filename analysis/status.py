@@ -1,4 +1,5 @@
-"""``python run.py status``: where a run stands (sweep, training, analysis) and the command that comes next.
+"""``python run.py status``: where a run stands (sweep, training, analysis, the further seeds of
+``all --seeds N``) and the command that comes next.
 
 Everything is read through Ray's public API (``ExperimentAnalysis``, ``ResultGrid``)
 and the files the stages write; nothing needs Ray to be running.  A running trial's
@@ -21,9 +22,17 @@ from pathlib import Path
 
 from ray.tune.experiment import Trial
 
-from analysis.pipeline import CROSSOVER_FILE, RESULTS_FILE, SWEET_SPOTS_FILE
+from analysis.pipeline import CROSSOVER_FILE, INTERVALS_SUMMARY_FILE, RESULTS_FILE, SWEET_SPOTS_FILE
 from tune.config import Config
-from tune.layout import analysis_dir, best_lr_path, experiment_dir, final_dir, run_dir
+from tune.layout import (
+    CONFIG_FILE,
+    analysis_dir,
+    best_lr_path,
+    experiment_dir,
+    final_dir,
+    run_dir,
+    seeds_dir,
+)
 from tune.progress import PROGRESS_FILE, WRITE_EVERY_S, format_seconds
 from tune.runner import (
     NOT_READ_BY,
@@ -122,6 +131,25 @@ def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
     return lines + _differences(stored, cfg, "train")
 
 
+def _seeds_lines(status: ExperimentStatus, summary: Path) -> list[str]:
+    """The further seeds of ``all --seeds N``: each seed's trial and epoch, and whether the summary over
+    the seeds is written."""
+    stored, _ = load_experiment_config(status.path)
+    seeds = json.loads((status.path / CONFIG_FILE).read_text()).get("seeds", [])
+    state = "finished" if status.finished else "unfinished"
+    lines = [f"  seeds     {status.path}: {state}, seeds {seeds} (all --seeds {len(seeds) + 1})"]
+    if status.analysis is not None:
+        frames = status.analysis.trial_dataframes
+        for trial in sorted(status.analysis.trials, key=lambda t: t.config.get("seed", 0)):
+            df = frames.get(trial.trial_id)
+            epoch = 0 if df is None or df.empty else int(dedupe_epochs(df)["epoch"].max())
+            lines.append(
+                f"    seed {trial.config.get('seed')}: epoch {epoch}/{stored.train.epochs}, {trial.status}"
+            )
+    lines.append(f"    summary over the seeds: {summary if summary.is_file() else 'not yet'}")
+    return lines
+
+
 STALL_EPOCHS = 3
 """``status`` warns that the driver has died once an experiment Tune records as running has written no
 progress for this many epochs' time (an epoch's training and validation, as measured by the run)."""
@@ -190,8 +218,9 @@ def describe_progress(record: dict, now: float, *, live: bool = True) -> str:
     )
 
 
-def live_lines(status: ExperimentStatus, now: float) -> list[str]:
-    """Each running trial's progress, and the ``stalled`` warning when the experiment has gone silent."""
+def live_lines(status: ExperimentStatus, now: float, resume: str | None = None) -> list[str]:
+    """Each running trial's progress, and the ``stalled`` warning when the experiment has gone silent
+    (naming ``resume``, by default ``python run.py resume <experiment>``)."""
     live = {i for i, s in status.trials.items() if s in LIVE}  # Tune's ids; a trial's folder ends with its id
     if not live:
         return []
@@ -209,7 +238,7 @@ def live_lines(status: ExperimentStatus, now: float) -> list[str]:
             f"{format_seconds(allowed)} a live run may pause ({STALL_EPOCHS} epochs' time, "
             f"{format_seconds(STALL_MIN_S)} at least; a trial writes every {WRITE_EVERY_S:g} s while it trains). "
             "Its driver has probably died: if no python run.py process runs it any more, continue it with: "
-            f"python run.py resume {status.path}"
+            f"{resume or f'python run.py resume {status.path}'}"
         )
     return lines
 
@@ -235,7 +264,17 @@ def run_status(cfg: Config, command: str) -> list[str]:
     done = [name for name, f in steps if f.is_file()]
     if train is not None:
         lines.append(f"  analysis  done: {', '.join(done) or 'none'}")
-    return [*lines, f"[status] next: {next_step(cfg, sweep, train, steps, command)}"]
+    seeds = experiment_status(seeds_dir(cfg) / "train")
+    summary = analysis_dir(cfg) / "seeds" / INTERVALS_SUMMARY_FILE
+    further = None
+    if seeds is not None:
+        n = len(json.loads((seeds.path / CONFIG_FILE).read_text()).get("seeds", [])) + 1
+        further = f"python run.py all --seeds {n}{f' {command}' if command else ''}"
+        lines += _seeds_lines(seeds, summary) + live_lines(seeds, now, resume=further)
+    step = next_step(cfg, sweep, train, steps, command)
+    if step.startswith("nothing") and seeds is not None and not (seeds.finished and summary.is_file()):
+        step = f"{further}  (continues the seeds; once no driver runs it any more)"
+    return [*lines, f"[status] next: {step}"]
 
 
 def next_step(cfg: Config, sweep, train, steps, command: str) -> str:

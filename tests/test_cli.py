@@ -211,6 +211,17 @@ def test_all_with_seeds_trains_the_further_seeds_as_one_tune_experiment(tmp_path
         assert (run / "seeds" / f"seed{seed}" / "final" / "crossover.safetensors").is_file()
     summary = pd.read_csv(run / "analysis" / "seeds" / "results_summary.csv")
     assert set(summary["n_seeds"]) == {3}
+    # status shows the further seeds (it used to say "every stage is done" while they trained)
+    status = run_py("status", *args[1:5])
+    assert status.returncode == 0, status.stderr
+    assert f"seeds     {run / 'seeds' / 'train'}: finished, seeds [1, 2] (all --seeds 3)" in status.stdout
+    assert (
+        "seed 1: epoch 2/2, TERMINATED" in status.stdout and "seed 2: epoch 2/2, TERMINATED" in status.stdout
+    )
+    (run / "analysis" / "seeds" / "intervals_summary.csv").unlink()
+    status = run_py("status", *args[1:5])
+    assert "summary over the seeds: not yet" in status.stdout
+    assert f"[status] next: python run.py all --seeds 3 {' '.join(args[1:5])}" in status.stdout
     again = run_py(*args[:-1], "4")
     assert again.returncode == 2 and "trained seeds [1, 2]; [1, 2, 3] now" in again.stderr
 
