@@ -131,11 +131,10 @@ def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
     return lines + _differences(stored, cfg, "train")
 
 
-def _seeds_lines(status: ExperimentStatus, summary: Path) -> list[str]:
+def _seeds_lines(status: ExperimentStatus, seeds: list[int], summary: Path) -> list[str]:
     """The further seeds of ``all --seeds N``: each seed's trial and epoch, and whether the summary over
     the seeds is written."""
     stored, _ = load_experiment_config(status.path)
-    seeds = json.loads((status.path / CONFIG_FILE).read_text()).get("seeds", [])
     state = "finished" if status.finished else "unfinished"
     lines = [f"  seeds     {status.path}: {state}, seeds {seeds} (all --seeds {len(seeds) + 1})"]
     if status.analysis is not None:
@@ -268,9 +267,9 @@ def run_status(cfg: Config, command: str) -> list[str]:
     summary = analysis_dir(cfg) / "seeds" / INTERVALS_SUMMARY_FILE
     further = None
     if seeds is not None:
-        n = len(json.loads((seeds.path / CONFIG_FILE).read_text()).get("seeds", [])) + 1
-        further = f"python run.py all --seeds {n}{f' {command}' if command else ''}"
-        lines += _seeds_lines(seeds, summary) + live_lines(seeds, now, resume=further)
+        seed_list = json.loads((seeds.path / CONFIG_FILE).read_text()).get("seeds", [])
+        further = f"python run.py all --seeds {len(seed_list) + 1}{f' {command}' if command else ''}"
+        lines += _seeds_lines(seeds, seed_list, summary) + live_lines(seeds, now, resume=further)
     step = next_step(cfg, sweep, train, steps, command)
     if step.startswith("nothing") and seeds is not None and not (seeds.finished and summary.is_file()):
         step = f"{further}  (continues the seeds; once no driver runs it any more)"
