@@ -123,6 +123,12 @@ def resume_stage(where: str | Path, overrides: list[str] | None = None) -> None:
     remote storage) with the config it was started with, and the ``overrides`` a resume may make
     (``tune.runner.resume_config``)."""
     path, located = _experiment_at(str(where))
+    seeds = _stored_record(path).get("seeds")
+    if seeds is not None:  # its trials are seeds of one run, and its analysis belongs to `all`
+        raise ExperimentError(
+            f"{where} holds the further seeds {seeds} of `all --seeds {len(seeds) + 1}`; continue them with "
+            f"python run.py all --seeds {len(seeds) + 1} and the run's config and overrides"
+        )
     cfg, stage = resume_config(path, list(overrides or []))
     if not located:  # a local run directory, wherever it is now: <output_root>/<run.name>/<stage>
         run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
@@ -147,9 +153,15 @@ def _experiment_at(where: str) -> tuple[Path, bool]:
     return path, True
 
 
-def _stored_root(path: Path) -> str | None:
+def _stored_record(path: Path) -> dict:
+    """The experiment's stored config record (``{}`` when there is none: resume_config says so)."""
     f = path / CONFIG_FILE
-    return json.loads(f.read_text())["config"]["run"]["output_root"] if f.is_file() else None
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _stored_root(path: Path) -> str | None:
+    record = _stored_record(path)
+    return record["config"]["run"]["output_root"] if record else None
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,8 @@ def test_all_with_seeds_trains_the_further_seeds_as_one_tune_experiment(tmp_path
     status = run_py("status", *args[1:5])
     assert "summary over the seeds: not yet" in status.stdout
     assert f"[status] next: python run.py all --seeds 3 {' '.join(args[1:5])}" in status.stdout
+    resumed = run_py("resume", str(run / "seeds" / "train"))
+    assert resumed.returncode == 2 and "continue them with python run.py all --seeds 3" in resumed.stderr
     again = run_py(*args[:-1], "4")
     assert again.returncode == 2 and "trained seeds [1, 2]; [1, 2, 3] now" in again.stderr
 
