@@ -17,8 +17,8 @@ Methods (the names are the rows of results.csv):
     crossover            one model, every unit from its sweet-spot checkpoint (SPEC §6)
     crossover_ensemble   mean fused prediction of the crossover's ±Δ variants
     group_window_soup    every unit's weights averaged over the checkpoints within ±k of its own sweet spot
-    group_greedy_soup    every unit's weights averaged over the checkpoints it keeps greedily, in the order of
-                         its sweet-spot score, each kept only if the unit's validation loss does not rise
+    group_greedy_soup    every unit's weights averaged over the checkpoints it keeps greedily: its sweet spot,
+                         then by its own validation loss, each kept only if the unit's validation loss does not rise
     learned_fusion       the crossover's weights, with per-task module weights learned on validation
                          (non-negative, summing to 1) instead of the mean of the modules
     last                 the last complete checkpoint
@@ -65,7 +65,7 @@ from analysis.experiment import TrainingRun
 from analysis.sweet_spots import select_sweet_spots, unit_scores
 from model.family import fuse
 from model.groups import MODULE_TASK, SelectionUnit, selection_units
-from model.losses import metric_sums, module_losses, task_loss, total_loss
+from model.losses import metric_sums, module_losses, row_metric, task_loss, total_loss
 from model.tasks import TaskSpec
 from tune.checkpoints import load_model_state
 from tune.data import EncodedData, iterate_batches
@@ -235,13 +235,7 @@ def row_metrics(pred: Predictions, data: EncodedData, split: str, s: EvalSetting
     targets, masks = split_targets(data, split)
     out = {}
     for task, spec in s.tasks.items():
-        p, t = pred.fused[task].float(), targets[task]
-        if spec.kind == "regression":
-            v = (p - t).abs().mean(-1)
-        else:
-            labels = t if spec.kind == "classification" else t.argmax(-1)
-            v = (p.argmax(-1) == labels).double()
-        values = v.double().numpy()
+        values = row_metric(pred.fused[task].float(), targets[task], spec).double().numpy()
         values[~masks[task].numpy()] = np.nan
         out[f"{task}_{spec.metric}"] = values
     return out

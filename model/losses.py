@@ -97,9 +97,13 @@ def metric_sums(
     """
     pred, target = pred[mask], target[mask]
     _check_shapes(pred, target, spec)
+    return float(row_metric(pred, target, spec).sum()), int(mask.sum())
+
+
+def row_metric(pred: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """Per row (B,), what the task's headline metric averages: 1.0 / 0.0 for a right / wrong argmax
+    (against the class index, or the soft target's argmax), or the absolute error averaged over dim."""
     if spec.kind == "regression":
-        total = (pred.float() - target).abs().mean(-1).sum()
-    else:
-        labels = target if spec.kind == "classification" else target.argmax(-1)
-        total = (pred.argmax(-1) == labels).sum()
-    return float(total), int(mask.sum())
+        return (pred.float() - target).abs().mean(-1)
+    labels = target if spec.kind == "classification" else target.argmax(-1)
+    return (pred.argmax(-1) == labels).float()

@@ -35,7 +35,7 @@ from torch import nn
 
 from model.family import Recorder, check_inputs, fuse
 from model.groups import MODULE_TASK, MODULES, selection_units
-from model.losses import module_losses
+from model.losses import module_losses, row_metric
 from model.tasks import TaskSpec
 from tune.data import Batch
 
@@ -129,9 +129,8 @@ def _headline(state: TrainingState, outputs: dict[str, torch.Tensor], batch: Bat
     pred = fuse(ordered, state.tasks, state.fusion_weights)["emotion"]  # (B, C)
     spec: TaskSpec = state.tasks["emotion"]
     target, mask = batch.targets["emotion"], batch.target_mask["emotion"]
-    labels = target if spec.kind == "classification" else target.argmax(-1)
-    hit = (pred.argmax(-1) == labels) & mask
-    return torch.stack([hit.sum(), mask.sum()]).float()
+    hit = row_metric(pred, target, spec) * mask
+    return torch.stack([hit.sum(), mask.sum().float()])
 
 
 def _step_unit(state: TrainingState, unit: str, window: Window, stats: dict | None) -> torch.Tensor:
