@@ -52,9 +52,11 @@ class Storage:
         return self.fs.get_file_info(self.fs_path(rel)).type != pafs.FileType.NotFound
 
     def pull(self, rel: str | os.PathLike, *, weights: bool = True) -> Path:
-        """Copy ``rel`` (a file or a directory tree) from the storage into the local mirror; files already
-        there with the same size are kept.  ``weights=False`` leaves out weights and resume state.
-        Returns the local path.  For a local root this is just the path."""
+        """Copy ``rel`` (a file or a directory tree) from the storage into the local mirror; a file already
+        there with the same size and modification time as the stored one (set on download) is kept, so
+        a record rewritten at the same size (live progress, a stored config) is fetched again.
+        ``weights=False`` leaves out weights and resume state.  Returns the local path.  For a local root
+        this is just the path."""
         target = self.local / rel
         if not self.remote:
             return target
@@ -66,13 +68,15 @@ class Storage:
             if not weights and f.path.endswith(WEIGHT_SUFFIXES):
                 continue
             local = self.local / Path(f.path).relative_to(self.fs_root)
-            if local.is_file() and local.stat().st_size == f.size:
+            if local.is_file() and _same_file(local.stat(), f):
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
             tmp = local.with_name(f".{local.name}.pull")
             with self.fs.open_input_stream(f.path) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
+            if f.mtime_ns is not None:
+                os.utime(tmp, ns=(f.mtime_ns, f.mtime_ns))
             os.replace(tmp, local)
         return target
 
@@ -96,6 +100,14 @@ class Storage:
     def _files(self, fs_dir: str) -> list[pafs.FileInfo]:
         infos = self.fs.get_file_info(pafs.FileSelector(fs_dir, recursive=True))
         return [i for i in infos if i.type == pafs.FileType.File]
+
+
+def _same_file(local: os.stat_result, stored: pafs.FileInfo) -> bool:
+    """The local copy is the stored file: same size, and the stored modification time it was given on
+    download (a file system that reports none is compared by size)."""
+    if local.st_size != stored.size:
+        return False
+    return stored.mtime_ns is None or local.st_mtime_ns == stored.mtime_ns
 
 
 def storage(cfg: Config) -> Storage:
