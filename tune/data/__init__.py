@@ -105,21 +105,25 @@ def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True
     The second held-out set is not part of it (``prepare_holdout``).
     """
     cache_dir = Path(cache_dir)
-    raw, report = _load_source(cfg, cache_dir)
-    available = len(raw)
-    shares = tuple(float(s) for s in cfg.split)
-    kept, splits = sample_and_split(available, raw.strata, cfg.max_samples, shares, cfg.split_seed)
-    raw = raw.take(kept)
+    raw, report, kept, splits = _drawn(cfg, cache_dir)
     # Everything that changes what the model sees goes into the fingerprint (see split_fingerprint).
     params = {
         "source": cfg.source,
-        "records_available": available,
+        "records_available": len(raw),
         "max_samples": cfg.max_samples,
         "split_seed": cfg.split_seed,
-        "shares": list(shares),
+        "shares": [float(s) for s in cfg.split],
         "stratified_by": "corpus" if raw.strata is not None else None,
     }
-    return _encoded(raw, splits, params, cfg, cache_dir, show_progress, report)
+    return _encoded(raw.take(kept), splits, params, cfg, cache_dir, show_progress, report)
+
+
+def _drawn(cfg: DataConfig, cache_dir: Path) -> tuple[RawData, LoadReport | None, np.ndarray, dict]:
+    """The whole source, its load report, and the ``data.max_samples`` draw: the kept rows and their split."""
+    raw, report = _load_source(cfg, cache_dir)
+    shares = tuple(float(s) for s in cfg.split)
+    kept, splits = sample_and_split(len(raw), raw.strata, cfg.max_samples, shares, cfg.split_seed)
+    return raw, report, kept, splits
 
 
 def prepare_holdout(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True) -> EncodedData | None:
@@ -134,16 +138,13 @@ def prepare_holdout(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = T
     if not cfg.holdout:
         return None
     cache_dir = Path(cache_dir)
-    raw, report = _load_source(cfg, cache_dir)
-    available = len(raw)
-    shares = tuple(float(s) for s in cfg.split)
-    kept, _ = sample_and_split(available, raw.strata, cfg.max_samples, shares, cfg.split_seed)
+    raw, report, kept, _ = _drawn(cfg, cache_dir)
     rows = holdout_rows(raw.texts, kept, cfg.split_seed, cfg.holdout_max_samples)
     if len(rows) == 0:
         return None
     params = {
         "source": cfg.source,
-        "records_available": available,
+        "records_available": len(raw),
         "max_samples": cfg.max_samples,
         "split_seed": cfg.split_seed,
         "holdout_of": len(raw) - len(kept),
