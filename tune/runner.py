@@ -218,10 +218,8 @@ def config_differences(
     ``every_field``, of every field that differs)."""
     skip = ignore if every_field else (*NO_RESULT_CHANGE, *ignore)
     a, b = _flatten(config_to_dict(stored)), _flatten(config_to_dict(current))
-    for flat in (
-        a,
-        b,
-    ):  # a data file named relative to the working directory, then made absolute, is the same
+    # A data file named relative to the working directory, then made absolute, is the same file.
+    for flat in (a, b):
         if flat.get("data.path") and not is_uri(flat["data.path"]):
             flat["data.path"] = str(Path(flat["data.path"]).expanduser().resolve())
     return [
@@ -231,11 +229,12 @@ def config_differences(
     ]
 
 
-def save_experiment_config(cfg: Config, path: Path, stage: str) -> None:
-    """The experiment's one stored config (for reuse and ``resume``) and the data split with every record id."""
+def save_experiment_config(cfg: Config, path: Path, stage: str, **extra: Any) -> None:
+    """The experiment's one stored config (for reuse and ``resume``; ``extra`` fields beside it, such as the
+    seeds of ``all --seeds N``) and the data split with every record id."""
     from tune.data import prepare_data
 
-    write_json_atomic(path / CONFIG_FILE, {"stage": stage, "config": config_to_dict(cfg)})
+    write_json_atomic(path / CONFIG_FILE, {"stage": stage, "config": config_to_dict(cfg), **extra})
     split = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).split_record()
     write_json_atomic(path / SPLIT_FILE, split)
     publish(cfg, path / CONFIG_FILE, path / SPLIT_FILE)

@@ -191,10 +191,7 @@ def run_train_seeds(cfg: Config, seeds: list[int], lr_source: str):
     start_ray(cfg)
     if status is None:
         print(f"[train] seeds {seeds} at peak LR {cfg.optim.lr:.2e} from {lr_source}, as one Tune experiment")
-        save_experiment_config(cfg, path, "train")
-        record = json.loads((path / CONFIG_FILE).read_text())
-        write_json_atomic(path / CONFIG_FILE, {**record, "seeds": seeds})
-        publish(cfg, path / CONFIG_FILE)
+        save_experiment_config(cfg, path, "train", seeds=seeds)
     return fit(
         cfg,
         "train",
