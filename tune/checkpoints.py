@@ -144,12 +144,11 @@ def drop_resume_state(fs, directory: str | Path) -> None:
     with fs.open_input_stream(manifest_path) as f:
         manifest = json.loads(f.readall())
     manifest["files"].pop(RESUME_STATE, None)
-    text = json.dumps(manifest, indent=2).encode()
     if isinstance(fs, pafs.LocalFileSystem):
         write_json_atomic(Path(manifest_path), manifest)
     else:  # an object store replaces an object whole: the write is atomic by itself
         with fs.open_output_stream(manifest_path) as f:
-            f.write(text)
+            f.write(json.dumps(manifest, indent=2).encode())
     fs.delete_file(target)
 
 
