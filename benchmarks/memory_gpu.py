@@ -92,7 +92,7 @@ def row_placement(args, strategy: str) -> dict:
     from tune.loop import build_training
     from tune.memory import Window, total_of, train_step, trial_budget
 
-    device = torch.device(args.device)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     if device.type == "cuda":
         torch.empty(1, device=device)
         card = torch.cuda.get_device_properties(device).total_memory / GiB
@@ -109,7 +109,21 @@ def row_placement(args, strategy: str) -> dict:
     for k, window in enumerate(_windows(data, args, state.generator)):
         _sync(device)
         t = time.perf_counter()
+        profiling = args.profile is not None and k == args.steps - 1
+        if profiling:
+            prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]
+                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            )
+            prof.__enter__()
         result = train_step(state, Window(1, k + 1, k * args.accum, window))
+        if profiling:
+            _sync(device)
+            prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            table_text = prof.key_averages().table(sort_by=key, row_limit=40)
+            table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+            Path(args.profile).write_text(f"{strategy}\n{table_text}\n\nby CPU time\n{table_cpu}\n")
         state.schedule.step()
         _sync(device)
         times.append(time.perf_counter() - t)
@@ -263,6 +277,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per row")
     ap.add_argument("--json", type=Path, help="write the rows here too")
+    ap.add_argument("--profile", type=Path, help="profile the last step of each row; tables to PATH.<row>.txt")
     ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one row, in this process
     args = ap.parse_args()
     if args.row:
@@ -275,6 +290,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "benchmarks.memory_gpu", "--row", row]
         for name in ("preset", "steps", "accum", "batch", "tokens", "budget_gb", "device"):
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        if args.profile:
+            cmd += ["--profile", f"{args.profile}.{row}.txt"]
         t0 = time.perf_counter()
         with tempfile.TemporaryFile("w+") as log:
             try:

@@ -111,15 +111,11 @@ class DynamicKalmanFilter(nn.Module):
         recursion serves the whole batch.  With gain K the update
         x <- F x + K (z - H F x) is x <- A x + K z.
 
-        The recursion is hundreds of (n, n) ops.  On a GPU each would be a kernel
-        launch (3-4x slower on an H200 at T = 128), so it runs on CPU copies of the
-        parameters; autograd carries the gradients back to wherever they live.
+        The recursion runs where the parameters are (on a GPU too: a host copy would make
+        the device wait), once per forward pass: with the window's micro-batches in one
+        pass, that is once per unit turn.
         """
-        # (On the meta device, where the memory planner sizes the model, the recursion stays there.)
-        host = torch.device("cpu") if self.F.device.type == "cuda" else self.F.device
-        F, H, log_q, log_r, log_p0 = (
-            p.to(host) for p in (self.F, self.H, self.log_q, self.log_r, self.log_p0)
-        )
+        F, H, log_q, log_r, log_p0 = self.F, self.H, self.log_q, self.log_r, self.log_p0
         Ft, Ht = F.T, H.T
         Q, R = torch.diag(log_q.exp()), torch.diag(log_r.exp())
         P = torch.diag(log_p0.exp())  # (n, n)
@@ -133,8 +129,7 @@ class DynamicKalmanFilter(nn.Module):
             Kt.append(K_T)
         Kt = torch.stack(Kt)  # (T, m, n)
         At = Ft - Ft @ Ht @ Kt  # (T, n, n): ((I - K H) F)^T = F^T - F^T H^T K^T
-        device = self.F.device
-        return At.to(device), Kt.to(device)
+        return At, Kt
 
 
 def affine_scan(A: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,11 @@
 """Per-task losses and metrics, done right (ORIGINAL.md, mistakes 5 and 6).
 
 Logits go into cross-entropy (never softmax first); soft targets use log_softmax;
-regression is MSE on exactly matching shapes.  Rows whose target is missing are
-dropped before the loss, so whatever placeholder they hold (NaN, -1) never
-reaches the arithmetic.  Non-finite losses are left visible, never zeroed.
+regression is MSE on exactly matching shapes.  Rows whose target is missing weigh
+zero, and their placeholder target (NaN, -1) is replaced before the arithmetic, so
+it never reaches a loss or a gradient.  No boolean indexing: a masked sum over a
+fixed shape never makes the host wait for the device.  Non-finite losses are left
+visible, never zeroed.
 """
 
 from __future__ import annotations
@@ -44,11 +46,20 @@ def row_losses(pred: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torc
     return ((pred - target) ** 2).mean(-1)
 
 
+def masked_row_losses(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, spec: TaskSpec
+) -> torch.Tensor:
+    """``row_losses`` (B,) with 0 where ``mask`` (B,) is False; a missing row's placeholder target is
+    replaced by 0 first, so its loss and its gradient are exactly 0 and finite."""
+    assert mask.shape == (pred.shape[0],) and mask.dtype == torch.bool, "target mask must be (B,) bool"
+    keep = mask if target.ndim == 1 else mask.unsqueeze(-1)
+    safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    return torch.where(mask, row_losses(pred, safe, spec), 0.0)
+
+
 def task_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
     """Mean loss over the rows where ``mask`` (B,) is True; 0 (still differentiable) when none is."""
-    assert mask.shape == (pred.shape[0],) and mask.dtype == torch.bool, "target mask must be (B,) bool"
-    losses = row_losses(pred[mask], target[mask], spec)  # (b,) unmasked rows only
-    return losses.sum() / mask.sum().clamp(min=1)
+    return masked_row_losses(pred, target, mask, spec).sum() / mask.sum().clamp(min=1)
 
 
 def module_losses(

@@ -111,6 +111,10 @@ class OptimConfig:
     lower it when evaluation does not fit the GPU budget)."""
     grad_accum: int = 16
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    micro_batch: int = 0
+    """Rows per forward and backward pass, a multiple of batch_size up to batch_size * grad_accum; 0 (auto):
+    the largest the memory plan fits.  A speed knob, not a math knob: the loss weighs each row as its
+    micro-batch of batch_size rows would, so the gradient is the accumulated one whatever the setting."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
     warmup_ratio: float = 0.1
@@ -411,6 +415,12 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(o.batch_size >= 1, "optim.batch_size: must be >= 1")
     need(o.eval_batch_size >= 1, "optim.eval_batch_size: must be >= 1")
     need(o.grad_accum >= 1, "optim.grad_accum: must be >= 1")
+    need(
+        o.micro_batch == 0
+        or (o.micro_batch % o.batch_size == 0 and o.batch_size <= o.micro_batch <= o.batch_size * o.grad_accum),
+        f"optim.micro_batch: must be 0 (auto) or a multiple of optim.batch_size ({o.batch_size}) up to "
+        f"batch_size * grad_accum ({o.batch_size * o.grad_accum})",
+    )
     need(o.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables clipping)")
     need(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio: must be in [0, 1)")
     need(o.cycle_epochs >= 1, "optim.cycle_epochs: must be >= 1")

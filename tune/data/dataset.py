@@ -298,6 +298,29 @@ class Batch:
         return Batch(**moved)
 
 
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """One batch of every row of ``batches``, in order, padded to the longest of them (CPU batches)."""
+    if len(batches) == 1:
+        return batches[0]
+    width = max(b.mask.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, width, ...), zeros / False after T
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        return torch.cat([t, t.new_zeros((t.shape[0], extra, *t.shape[2:]))], dim=1)
+
+    first = batches[0]
+    return Batch(
+        tokens=torch.cat([pad(b.tokens) for b in batches]),
+        mask=torch.cat([pad(b.mask) for b in batches]),
+        pooled=torch.cat([b.pooled for b in batches]),
+        targets={k: torch.cat([b.targets[k] for b in batches]) for k in first.targets},
+        target_mask={k: torch.cat([b.target_mask[k] for b in batches]) for k in first.target_mask},
+        index=torch.cat([b.index for b in batches]),
+    )
+
+
 def _rows(data: EncodedData, split: str) -> np.ndarray:
     if split not in data.splits:
         raise ValueError(f"unknown split {split!r}; use one of {list(data.splits)}")

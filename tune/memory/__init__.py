@@ -104,7 +104,9 @@ def plan_for(
     device: str,
     budget: Budget,
 ) -> tuple[MemoryPlan, tuple[UnitSize, ...]]:
-    """The memory plan of ``cfg``'s model for a trial on a ``device`` ('cuda' or 'cpu') with ``budget``.
+    """The memory plan of ``cfg``'s model for a trial on a ``device`` ('cuda' or 'cpu') with ``budget``,
+    and the unit sizes it was made from.  Each unit's forward and backward take ``optim.micro_batch``
+    rows at once, or (auto) the largest share of the window its turn fits.
 
     On a CPU-only trial, 'stream' counts bytes against the budget and 'auto' or
     'resident' keep everything where it is (there is no device memory to save).
@@ -126,8 +128,11 @@ def plan_for(
         prefetch=cfg.memory.prefetch and kind != "cpu",
         always_shard=cfg.memory.stream_moments == "sharded",
     )
-    plan = make_plan(sizes, settings)
-    return plan, sizes
+    o = cfg.optim
+    plan = make_plan(
+        sizes, settings, window=o.grad_accum, requested_pass=o.micro_batch // o.batch_size or None
+    )
+    return plan, tuple(dataclasses.replace(s, pass_batches=plan.pass_batches(s.name)) for s in sizes)
 
 
 def memory_report(cfg: Config, tasks: dict[str, TaskSpec], input_dim: int) -> dict:

@@ -59,6 +59,12 @@ class UnitSize:
     priority: int
     param_numels: tuple[int, ...]  # in the order of the unit's parameters
     activation_bytes: int
+    pass_batches: int = 1
+    """Micro-batches its forward and backward take at once (the plan chooses; activations scale with it)."""
+
+    @property
+    def pass_activation_bytes(self) -> int:
+        return self.activation_bytes * self.pass_batches
 
     @property
     def numel(self) -> int:
@@ -115,6 +121,8 @@ class UnitPlacement:
     """The turn during which its bytes start coming in on a side stream (None: at its own turn)."""
     turn_peak: int
     """Estimated allocator bytes at the peak of this unit's turn."""
+    pass_batches: int
+    """Micro-batches of the window its forward and backward take at once."""
     moved_bytes: int
     """Bytes copied between CPU and GPU per optimizer step, both directions (0 when resident)."""
 
@@ -154,9 +162,11 @@ class MemoryPlan(PlanSettings):
     @property
     def peak_bytes(self) -> int:
         """The plan's estimated allocator peak (CUDA context not included)."""
-        if self.strategy == "resident":
-            return self.resident_peak
         return max(u.turn_peak for u in self.units)
+
+    def pass_batches(self, unit: str) -> int:
+        """Micro-batches of the window that ``unit``'s forward and backward take at once."""
+        return self.unit(unit).pass_batches
 
     @property
     def transfer_bytes_per_step(self) -> int:
@@ -254,7 +264,7 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
         comes after them and needs a 4-byte temporary per parameter it updates
         (foreach AdamW's sqrt of exp_avg_sq), of one shard when sharded.
         """
-        grads, compute = s.weights, cast_bytes * s.numel + s.activation_bytes
+        grads, compute = s.weights, cast_bytes * s.numel + s.pass_activation_bytes
         if moments == "resident":
             return grads + max(compute, WEIGHT_BYTES * s.numel)
         if moments == "with_unit":
@@ -297,6 +307,7 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
             moments=modes[s.name],  # type: ignore[arg-type]
             prefetch_at=None if starts[i] is None else order[starts[i]].name,
             turn_peak=peaks[i],
+            pass_batches=s.pass_batches,
             moved_bytes=0 if s.name in resident else 2 * (s.weights + s.moments),
         )
         for i, s in enumerate(order)
@@ -304,51 +315,86 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
 
 
 def resident_peak(sizes: Sequence[UnitSize], cast_bytes: int) -> int:
-    """Everything on the device, micro-batches outer: all state, every unit's gradients and activations
-    at once, then the largest unit's AdamW temporary."""
-    state = sum(s.weights + s.weights + s.moments for s in sizes)
-    compute = sum(cast_bytes * s.numel + s.activation_bytes for s in sizes)
-    return state + max(compute, max(WEIGHT_BYTES * s.numel for s in sizes))
+    """Everything on the device: all weights and moments, plus the largest turn's gradients and
+    activations (or AdamW's temporary): units take their turns one after another in either strategy,
+    and a unit's gradients are gone once it has stepped."""
+    state = sum(s.weights + s.moments for s in sizes)
+    return state + max(
+        s.weights + max(cast_bytes * s.numel + s.pass_activation_bytes, WEIGHT_BYTES * s.numel) for s in sizes
+    )
 
 
-def make_plan(sizes: Sequence[UnitSize], settings: PlanSettings) -> MemoryPlan:
-    """The plan for ``settings.requested`` ('auto' | 'resident' | 'stream'); PlanError when nothing fits."""
+def pass_candidates(window: int, requested: int | None) -> list[int]:
+    """Micro-batches per pass to try, largest first: ``requested`` alone, else ``window`` and its halves."""
+    if requested:
+        return [requested]
+    out = [window]
+    while out[-1] > 1:
+        out.append((out[-1] + 1) // 2)
+    return out
+
+
+def with_passes(sizes: Sequence[UnitSize], passes: dict[str, int]) -> tuple[UnitSize, ...]:
+    return tuple(dataclasses.replace(s, pass_batches=passes[s.name]) for s in sizes)
+
+
+def make_plan(
+    sizes: Sequence[UnitSize], settings: PlanSettings, *, window: int = 1, requested_pass: int | None = None
+) -> MemoryPlan:
+    """The plan for ``settings.requested`` ('auto' | 'resident' | 'stream'); PlanError when nothing fits.
+
+    Each unit also gets how many of the window's ``window`` micro-batches its forward and
+    backward take at once: the most that fits its turn (``requested_pass`` when given).
+    Fewer, larger passes launch fewer kernels; the plan first gives every unit the
+    largest pass that fits beside the units that are never swapped, then keeps resident
+    whatever still fits.
+    """
     fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(PlanSettings)}
     limit = settings.limit_bytes
-    peak_all = resident_peak(sizes, settings.cast_bytes)
+    candidates = pass_candidates(window, requested_pass)
+    biggest = with_passes(sizes, {s.name: candidates[0] for s in sizes})
+    peak_all = resident_peak(biggest, settings.cast_bytes)
 
     def plan(strategy: str, units: tuple[UnitPlacement, ...]) -> MemoryPlan:
         return MemoryPlan(**fields, strategy=strategy, units=units, resident_peak=peak_all)
 
-    if (
-        settings.device == "cpu"
-        or settings.requested == "resident"
-        or (settings.requested == "auto" and peak_all <= limit)
-    ):
-        everything = {s.name for s in sizes}
-        result = plan("resident", place(sizes, everything, dataclasses.replace(settings, prefetch=False)))
-        if settings.device != "cpu" and result.peak_bytes > limit:
-            raise PlanError(
-                _no_fit(result, "memory.strategy=resident does not fit")
-                + "\n  memory.strategy=stream (or auto) streams what does not fit."
-            )
-        return result
+    everything = {s.name for s in sizes}
+    no_prefetch = dataclasses.replace(settings, prefetch=False)
+    if settings.device == "cpu":
+        return plan("resident", place(biggest, everything, no_prefetch))
+    if settings.requested == "resident" or (settings.requested == "auto" and peak_all <= limit):
+        for k in candidates:
+            sized = with_passes(sizes, {s.name: k for s in sizes})
+            if resident_peak(sized, settings.cast_bytes) <= limit:
+                return plan("resident", place(sized, everything, no_prefetch))
+        raise PlanError(
+            _no_fit(plan("resident", place(sized, everything, no_prefetch)), "memory.strategy=resident does not fit")
+            + "\n  memory.strategy=stream (or auto) streams what does not fit."
+        )
 
     def fits(placements: tuple[UnitPlacement, ...]) -> bool:
         return all(u.turn_peak <= limit for u in placements)
 
     resident = {s.name for s in sizes if s.priority >= NEVER_SWAPPED}
-    placements = place(sizes, resident, settings)
+    passes = {s.name: candidates[-1] for s in sizes}
+    placements = place(with_passes(sizes, passes), resident, settings)
     if not fits(placements):
         raise PlanError(
             _no_fit(
                 plan("stream", placements), "even with every swappable unit streamed, a turn does not fit"
             )
         )
-    for s in sorted(sizes, key=lambda s: -s.priority):
+    for s in sorted(sizes, key=lambda s: -s.activation_bytes):
+        for k in candidates[:-1]:
+            trial = place(with_passes(sizes, {**passes, s.name: k}), resident, settings)
+            if fits(trial):
+                passes[s.name], placements = k, trial
+                break
+    sized = with_passes(sizes, passes)
+    for s in sorted(sized, key=lambda s: -s.priority):
         if s.name in resident:
             continue
-        trial = place(sizes, resident | {s.name}, settings)
+        trial = place(sized, resident | {s.name}, settings)
         if fits(trial):
             resident.add(s.name)
             placements = trial
@@ -398,16 +444,19 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  everything resident would peak at {size(plan.resident_peak)} "
         f"({'fits' if plan.resident_peak <= plan.limit_bytes else 'does NOT fit'})",
     ]
+    if plan.strategy == "resident":
+        lines.append(f"  each unit's forward and backward take {plan.units[0].pass_batches} micro-batch(es) at once")
     if plan.strategy == "stream":
         lines += [
             "",
             f"  {'turn':<18} {'priority':>8} {'params':>9}  {'placement':<9} {'moments':<9} "
-            f"{'prefetch from':<16} {'turn peak':>10} {'moved/step':>10}",
+            f"{'prefetch from':<16} {'turn peak':>10} {'moved/step':>10} {'pass':>5}",
         ]
         for u in plan.units:
             lines.append(
                 f"  {u.name:<18} {u.priority:>8} {u.numel / 1e6:>8.2f}M  {'resident' if u.resident else 'streamed':<9} "
-                f"{u.moments:<9} {u.prefetch_at or '-':<16} {size(u.turn_peak):>10} {size(u.moved_bytes):>10}"
+                f"{u.moments:<9} {u.prefetch_at or '-':<16} {size(u.turn_peak):>10} {size(u.moved_bytes):>10} "
+                f"{u.pass_batches:>5}"
             )
         total = plan.peak_bytes + plan.context_bytes
         lines += [

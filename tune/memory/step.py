@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from model.family import Recorder, check_inputs, fuse
-from model.groups import MODULE_TASK, MODULES, selection_units
-from model.losses import module_losses, row_metric
+from model.groups import GROUPS, MODULE_TASK, MODULES, selection_units
+from model.losses import masked_row_losses, row_metric
 from model.tasks import TaskSpec
-from tune.data import Batch
+from tune.data import Batch, concat_batches
 
 if TYPE_CHECKING:
     from tune.loop import TrainingState
@@ -111,24 +111,76 @@ class StepResult:
 LOSS_COLUMNS: tuple[str, ...] = (*PREDICTING, "backbone")
 
 
+@dataclass
+class Pass:
+    """Consecutive micro-batches of a window that go through one forward and one backward together.
+
+    ``shares[task]`` (count, rows) is each row's weight in its own micro-batch's mean
+    loss: 1 / (rows of that micro-batch with the task's target), 0 in the other
+    micro-batches and where the target is missing.  So ``shares @ row_losses`` is the
+    loss of each micro-batch, exactly as if it had run alone, and the pass's gradient
+    is the sum of theirs: the micro-batch setting changes the speed, not the math.
+    """
+
+    batch: Batch  # on the device
+    first: int  # index within the window of its first micro-batch
+    count: int
+    shares: dict[str, torch.Tensor]
+
+
+def make_passes(batches: Sequence[Batch], per_pass: int, device: torch.device) -> list[Pass]:
+    """The window's CPU micro-batches, ``per_pass`` at a time, as passes on ``device`` (no device sync)."""
+    passes = []
+    for first in range(0, len(batches), per_pass):
+        group = batches[first : first + per_pass]
+        joined = concat_batches(group)
+        sizes = torch.tensor([len(b) for b in group])
+        member = torch.arange(len(group)).repeat_interleave(sizes)[None, :] == torch.arange(len(group))[:, None]
+        shares = {}
+        for task, mask in joined.target_mask.items():
+            w = (member & mask[None, :]).float()  # (count, rows)
+            shares[task] = (w / w.sum(1, keepdim=True).clamp(min=1)).to(device, non_blocking=True)
+        passes.append(Pass(joined.to(device, non_blocking=True), first, len(group), shares))
+    return passes
+
+
+def seed_dropout(device: torch.device, seed: int) -> None:
+    """Seed the generator that dropout on ``device`` draws from (and only that one)."""
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 def _forward(state: TrainingState, unit: str, batch: Batch, index: int, epoch: int, record=None):
-    torch.manual_seed(dropout_seed(state.seed, epoch, index, unit))
+    seed_dropout(state.device, dropout_seed(state.seed, epoch, index, unit))
     with autocast(state.device, state.autocast_dtype):
         return state.model.forward_unit(unit, batch.tokens, batch.mask, batch.pooled, record)
 
 
-def _losses(state: TrainingState, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-    return module_losses(
-        {k: v.float() for k, v in outputs.items()}, batch.targets, batch.target_mask, state.tasks
-    )
+HEADS: tuple[str, ...] = tuple(m for m in GROUPS["group_a"] if MODULE_TASK[m] is not None)
+"""The modules whose mean loss is the backbone's (``model.losses.module_losses``)."""
 
 
-def _headline(state: TrainingState, outputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-    """(correct, counted) of the fused emotion prediction, as a tensor (no device sync)."""
+def pass_losses(tasks: dict[str, TaskSpec], outputs: dict[str, torch.Tensor], p: Pass) -> dict[str, torch.Tensor]:
+    """Each module's loss on each micro-batch of the pass (count,), plus "backbone" (the heads' mean)."""
+    losses = {}
+    for module, pred in outputs.items():
+        task = MODULE_TASK[module]
+        rows = masked_row_losses(pred.float(), p.batch.targets[task], p.batch.target_mask[task], tasks[task])
+        losses[module] = p.shares[task] @ rows
+    if all(h in losses for h in HEADS):
+        losses["backbone"] = torch.stack([losses[h] for h in HEADS]).mean(0)
+    return losses
+
+
+def _headline(
+    state: TrainingState, outputs: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """(correct, counted) of the fused emotion prediction over the window, as a tensor (no device sync)."""
     ordered = {m: outputs[m].float() for m in MODULES if m in outputs and MODULE_TASK[m] == "emotion"}
     pred = fuse(ordered, state.tasks, state.fusion_weights)["emotion"]  # (B, C)
     spec: TaskSpec = state.tasks["emotion"]
-    target, mask = batch.targets["emotion"], batch.target_mask["emotion"]
     hit = row_metric(pred, target, spec) * mask
     return torch.stack([hit.sum(), mask.sum().float()])
 
@@ -166,73 +218,81 @@ def grad_stats(state: TrainingState, params: Sequence[nn.Parameter]) -> dict[str
 
 
 def train_step(state: TrainingState, window: Window) -> StepResult:
-    """One optimizer step over ``window``, resident or streamed as the placement says."""
+    """One optimizer step over ``window``, resident or streamed as the placement says.
+
+    The window's micro-batches go through the model ``plan.pass_batches`` at a time
+    (``Pass``); each unit runs one forward and one backward per pass.
+    """
     for b in window.batches:
         check_inputs(b.tokens, b.mask, b.pooled)  # on the CPU: no device sync
     placement = state.placement
     placement.start_step(window.epoch, window.step)
     n = len(window.batches)
-    batches = [b.to(state.device, non_blocking=True) for b in window.batches]
-    loss_rows: list[list[torch.Tensor | None]] = [[None] * len(LOSS_COLUMNS) for _ in batches]
+    plan = placement.plan
+    passes_of: dict[int, list[Pass]] = {}  # by micro-batches per pass: units of one size share them
+    for unit in UNITS:
+        k = plan.pass_batches(unit)
+        if k not in passes_of:
+            passes_of[k] = make_passes(window.batches, k, state.device)
+    # Per loss column, per micro-batch: the loss, detached (filled in as the units run).
+    losses_of: dict[str, list[torch.Tensor]] = {}
+    emotion_of: dict[str, list[torch.Tensor]] = {}  # each emotion module's outputs, pass by pass
     stats: dict | None = {} if window.collect_grad_stats else None
     norms: dict[str, torch.Tensor] = {}
-
-    def keep(j: int, losses: dict[str, torch.Tensor]) -> None:
-        for c, m in enumerate(LOSS_COLUMNS):
-            if m in losses:
-                loss_rows[j][c] = losses[m].detach()
-
     weights = state.loss_weights
-    if not placement.streaming:
-        outputs_of: list[dict[str, torch.Tensor]] = []
-        for j, batch in enumerate(batches):
-            outputs: dict[str, torch.Tensor] = {}
-            for unit in UNITS:
-                outputs.update(_forward(state, unit, batch, window.first_batch + j, window.epoch))
-            losses = _losses(state, outputs, batch)
-            keep(j, losses)
-            state.scaler.scale(weighted_loss(losses, weights) / n).backward()
-            outputs_of.append({m: o.detach() for m, o in outputs.items() if MODULE_TASK[m] == "emotion"})
+    done: set[str] = set()
+    while len(done) < len(UNITS):
+        order = [u for u in placement.turn_order() if u not in done]
+        unit = order[0]
+        placement.begin_turn(unit, order[1:])
+        k = plan.pass_batches(unit)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for p in passes_of[k]:
+            outputs = _forward(state, unit, p.batch, window.first_batch + p.first, window.epoch)
+            losses = pass_losses(state.tasks, outputs, p)
+            objective = sum(weights[m] * losses[m].sum() for m in PREDICTING if m in losses) / n
+            state.scaler.scale(objective).backward()
+            for m, v in losses.items():
+                parts.setdefault(m, []).append(v.detach())
+            for m, o in outputs.items():
+                if MODULE_TASK[m] == "emotion":
+                    emotion_of.setdefault(m, []).append(o.detach())
             placement.note()
-        for unit in UNITS:
-            norms[unit] = _step_unit(state, unit, window, stats)
-            placement.end_turn(unit)
-    else:
-        outputs_of = [{} for _ in batches]
-        done: set[str] = set()
-        while len(done) < len(UNITS):
-            order = [u for u in placement.turn_order() if u not in done]
-            unit = order[0]
-            placement.begin_turn(unit, order[1:])
-            for j, batch in enumerate(batches):
-                outputs = _forward(state, unit, batch, window.first_batch + j, window.epoch)
-                losses = _losses(state, outputs, batch)
-                keep(j, losses)
-                state.scaler.scale(weighted_loss(losses, weights) / n).backward()
-                outputs_of[j].update(
-                    {m: o.detach() for m, o in outputs.items() if MODULE_TASK[m] == "emotion"}
-                )
-                placement.note()
-            norms[unit] = _step_unit(state, unit, window, stats)
-            placement.end_turn(unit)
-            done.add(unit)
+        for m, vs in parts.items():
+            losses_of[m] = torch.cat(vs)  # (n,)
+        norms[unit] = _step_unit(state, unit, window, stats)
+        placement.end_turn(unit)
+        done.add(unit)
     placement.end_step()
     state.scaler.update()
-    # One transfer for every number of the step: losses, headline counts, norms.
-    headline = torch.stack([_headline(state, outputs_of[j], batches[j]) for j in range(n)]).sum(0)
-    flat = torch.cat(
-        [
-            torch.stack([torch.stack(row) for row in loss_rows]).flatten(),
-            headline,
-            torch.stack(list(norms.values())),
-        ]
-    ).cpu()
+    any_passes = next(iter(passes_of.values()))
+    headline = _headline(
+        state,
+        {m: torch.cat(outs) for m, outs in emotion_of.items()},
+        torch.cat([p.batch.targets["emotion"] for p in any_passes]),
+        torch.cat([p.batch.target_mask["emotion"] for p in any_passes]),
+    )
+    matrix = torch.stack([losses_of[c] for c in LOSS_COLUMNS], dim=1)  # (n, columns)
+    return read_results(state, window, matrix, headline, norms, stats)
+
+
+def read_results(
+    state: TrainingState,
+    window: Window,
+    matrix: torch.Tensor,
+    headline: torch.Tensor,
+    norms: dict[str, torch.Tensor],
+    stats: dict | None,
+) -> StepResult:
+    """The step's numbers to the host in one transfer (the step's one wait for the device), checked."""
+    n = matrix.shape[0]
+    flat = torch.cat([matrix.flatten(), headline, torch.stack(list(norms.values()))]).cpu()
     k = n * len(LOSS_COLUMNS)
-    matrix = flat[:k].view(n, len(LOSS_COLUMNS)).double().numpy()
+    losses = flat[:k].view(n, len(LOSS_COLUMNS)).double().numpy()
     unit_norms = dict(zip(norms, flat[k + 2 :].tolist(), strict=True))
-    _check_finite(matrix, unit_norms, window, skip_norms=state.scaler.is_enabled())
+    _check_finite(losses, unit_norms, window, skip_norms=state.scaler.is_enabled())
     return StepResult(
-        module_losses=matrix,
+        module_losses=losses,
         rows=[len(b) for b in window.batches],
         correct=float(flat[k]),
         counted=int(flat[k + 1]),
