@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tune.dashboard import ask_for_token_auth, start_dashboard  # imports no Ray: Ray reads RAY_AUTH_MODE once
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # beside run.py in the checkout and in an install
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
 RESUME_HELP = "the experiment, then overrides of optim.lr, optim.grad_clip, memory.*, resources.*"
 
 
@@ -36,11 +37,23 @@ def split(ns: argparse.Namespace, what: str = "config file") -> tuple[str | None
     return (paths[0] if paths else None), [a for a in ns.args if "=" in a]
 
 
+def config_file(path: str | None) -> Path:
+    """The config file given, or the default; ``configs/smoke.yaml`` or ``smoke.yaml`` that is not a file
+    here is the shipped one, so the installed ``redheart-tune`` runs the README's commands anywhere."""
+    if path is None:
+        return DEFAULT_CONFIG
+    given = Path(path)
+    shipped = CONFIGS / given.name
+    if not given.is_file() and given.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return shipped
+    return given
+
+
 def load(ns: argparse.Namespace):  # paths made absolute once, here: trials may run elsewhere
     from tune.config import load_config, resolve_paths
 
     path, overrides = split(ns)
-    return resolve_paths(load_config(path or DEFAULT_CONFIG, overrides))
+    return resolve_paths(load_config(config_file(path), overrides))
 
 
 def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep result is used
@@ -90,7 +103,7 @@ def cmd_params(ns):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=Parser)
     common = Parser(add_help=False)
