@@ -60,17 +60,22 @@ def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep
     return any(a.startswith("optim.lr=") for a in ns.args)
 
 
+# Each command loads and validates its config before it imports the stages: they import torch and Ray
+# (seconds), and a typo in a key is reported before either is loaded.
+
+
 def cmd_stage(ns):
+    cfg = load(ns)
     from analysis.stages import BY_NAME  # sweep, analyze, crossover, report: their stage on the loaded config
 
-    BY_NAME[ns.command](load(ns))
+    BY_NAME[ns.command](cfg)
 
 
 def cmd_train(ns):
+    cfg = load(ns)
     from analysis.stages import train_stage
     from tune.train import choose_lr, with_lr
 
-    cfg = load(ns)
     lr, source = choose_lr(cfg, explicit_lr=explicit_lr(ns), lr_from=ns.lr_from)
     train_stage(with_lr(cfg, lr), source)
 
@@ -85,21 +90,24 @@ def cmd_resume(ns):
 
 
 def cmd_all(ns):
+    cfg = load(ns)
     from analysis.stages import all_stages
 
-    all_stages(load(ns), seeds=ns.seeds, explicit_lr=explicit_lr(ns))
+    all_stages(cfg, seeds=ns.seeds, explicit_lr=explicit_lr(ns))
 
 
 def cmd_status(ns):
+    cfg = load(ns)
     from analysis.status import print_status
 
-    print_status(load(ns), " ".join(ns.args), watch_s=ns.watch)
+    print_status(cfg, " ".join(ns.args), watch_s=ns.watch)
 
 
 def cmd_params(ns):
+    cfg = load(ns)
     from tune.memory import params_text
 
-    print(params_text(load(ns), as_json=ns.json))
+    print(params_text(cfg, as_json=ns.json))
 
 
 def build_parser() -> Parser:
@@ -135,17 +143,27 @@ def build_parser() -> Parser:
     return parser
 
 
+def user_error(exc: Exception) -> bool:
+    """One a user can cause (analysis.stages.USER_ERRORS), printed as one message.  A config error is told
+    without importing the stages, which import torch and Ray."""
+    from tune.config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return True
+    from analysis.stages import USER_ERRORS
+
+    return isinstance(exc, USER_ERRORS)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     ask_for_token_auth()  # Ray 2.60's token authentication, on without its warning (README, "Ray's token")
-    from analysis.stages import USER_ERRORS
-
     try:
         if getattr(ns, "dashboard", False):  # Ray starts now, with its dashboard; the stages then use it
             start_dashboard(load(ns))
         ns.func(ns)
-    except USER_ERRORS as exc:
-        if ns.debug:
+    except Exception as exc:
+        if ns.debug or not user_error(exc):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

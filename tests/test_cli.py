@@ -183,6 +183,39 @@ def test_bad_config_is_one_clear_error(tmp_path):
     assert not (tmp_path / "smoke").exists()  # nothing started
 
 
+# Every command that takes a config, with a typo'd key, in one fresh interpreter; then what it imported.
+CONFIG_ERROR_BEFORE_IMPORTS = """
+import contextlib, io, json, sys
+import run
+
+commands = [[c] for c in ("sweep", "train", "analyze", "crossover", "report", "all", "status", "params")]
+results = {}
+for command in [*commands, ["sweep", "--dashboard"]]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main([*command, "configs/default.yaml", "optim.lrr=1"])
+    results[" ".join(command)] = [code, err.getvalue()]
+print(json.dumps({"results": results, "heavy": [m for m in ("torch", "ray") if m in sys.modules]}))
+"""
+
+
+def test_a_config_error_is_reported_before_torch_or_ray_is_imported():
+    """A typo'd key is reported in a fraction of a second, not after the seconds torch and Ray take to
+    import (18-113 s on a loaded 2-core machine): each command validates its config first."""
+    out = subprocess.run(
+        [sys.executable, "-c", CONFIG_ERROR_BEFORE_IMPORTS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for command, (code, stderr) in report["results"].items():
+        assert code == 2 and "optim.lrr: unknown key" in stderr, (command, code, stderr)
+    assert report["heavy"] == [], f"imported before the config error was reported: {report['heavy']}"
+
+
 def test_params_prints_the_730m_table_with_targets():
     out = run_py("params", str(REPO / "configs" / "redheart-730m.yaml"), timeout=120)
     assert out.returncode == 0, out.stderr
