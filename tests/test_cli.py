@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,7 +155,7 @@ def test_user_errors_are_one_line_and_a_traceback_only_with_debug(tmp_path):
             "analyze",
             smoke,
             f"run.output_root={tmp_path}",
-        ): f"{tmp_path / 'smoke' / 'train'}: no such directory",
+        ): f"{tmp_path / 'smoke' / 'train'}: no training yet; run `python run.py train` first",
         ("resume", str(tmp_path)): "not an experiment started by run.py",
     }
     for args, message in cases.items():
@@ -181,6 +182,18 @@ def test_bad_config_is_one_clear_error(tmp_path):
         and "optim.lr: 'fast'" in out.stderr
     )
     assert not (tmp_path / "smoke").exists()  # nothing started
+
+
+def test_analyze_crossover_and_report_before_training_say_to_train_first(tmp_path):
+    from analysis.experiment import ExperimentReadError
+    from analysis.stages import BY_NAME
+    from tune.config import load_config
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"run.output_root={tmp_path}"])
+    for command in ("analyze", "crossover", "report"):
+        with pytest.raises(ExperimentReadError, match=r"no training yet; run `python run\.py train` first"):
+            BY_NAME[command](cfg)
+    assert not (tmp_path / "smoke").exists()  # nothing written
 
 
 # Every command that takes a config, with a typo'd key, in one fresh interpreter; then what it imported.
