@@ -55,6 +55,8 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
     ]:
         assert (run / f).is_file(), f
     assert not (run / "lr_sweep" / "lr_sweep_all.csv").exists()  # the figure's CSV holds that table
+    for copy in ("results_all_seeds.csv", "intervals_summary.csv"):  # one seed: results.csv, intervals.csv
+        assert not (run / "analysis" / copy).exists(), copy
     figure_rows = pd.read_csv(run / "lr_sweep" / "lr_sweep.csv")
     assert {"lr_peak", "epoch", "val_loss", "train_loss", "selection_score"} <= set(figure_rows)
     results = pd.read_csv(run / "analysis" / "results.csv")
