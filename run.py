@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tune.dashboard import ask_for_token_auth, start_dashboard  # imports no Ray: Ray reads RAY_AUTH_MODE once
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # beside run.py in the checkout and in an install
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
 RESUME_HELP = "the experiment, then overrides of optim.lr, optim.grad_clip, memory.*, resources.*"
 
 
@@ -36,28 +37,45 @@ def split(ns: argparse.Namespace, what: str = "config file") -> tuple[str | None
     return (paths[0] if paths else None), [a for a in ns.args if "=" in a]
 
 
+def config_file(path: str | None) -> Path:
+    """The config file given, or the default; ``configs/smoke.yaml`` or ``smoke.yaml`` that is not a file
+    here is the shipped one, so the installed ``redheart-tune`` runs the README's commands anywhere."""
+    if path is None:
+        return DEFAULT_CONFIG
+    given = Path(path)
+    shipped = CONFIGS / given.name
+    if not given.is_file() and given.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return shipped
+    return given
+
+
 def load(ns: argparse.Namespace):  # paths made absolute once, here: trials may run elsewhere
     from tune.config import load_config, resolve_paths
 
     path, overrides = split(ns)
-    return resolve_paths(load_config(path or DEFAULT_CONFIG, overrides))
+    return resolve_paths(load_config(config_file(path), overrides))
 
 
 def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep result is used
     return any(a.startswith("optim.lr=") for a in ns.args)
 
 
+# Each command loads and validates its config before it imports the stages: they import torch and Ray
+# (seconds), and a typo in a key is reported before either is loaded.
+
+
 def cmd_stage(ns):
+    cfg = load(ns)
     from analysis.stages import BY_NAME  # sweep, analyze, crossover, report: their stage on the loaded config
 
-    BY_NAME[ns.command](load(ns))
+    BY_NAME[ns.command](cfg)
 
 
 def cmd_train(ns):
+    cfg = load(ns)
     from analysis.stages import train_stage
     from tune.train import choose_lr, with_lr
 
-    cfg = load(ns)
     lr, source = choose_lr(cfg, explicit_lr=explicit_lr(ns), lr_from=ns.lr_from)
     train_stage(with_lr(cfg, lr), source)
 
@@ -72,25 +90,28 @@ def cmd_resume(ns):
 
 
 def cmd_all(ns):
+    cfg = load(ns)
     from analysis.stages import all_stages
 
-    all_stages(load(ns), seeds=ns.seeds, explicit_lr=explicit_lr(ns))
+    all_stages(cfg, seeds=ns.seeds, explicit_lr=explicit_lr(ns))
 
 
 def cmd_status(ns):
+    cfg = load(ns)
     from analysis.status import print_status
 
-    print_status(load(ns), " ".join(ns.args), watch_s=ns.watch)
+    print_status(cfg, " ".join(ns.args), watch_s=ns.watch)
 
 
 def cmd_params(ns):
+    cfg = load(ns)
     from tune.memory import params_text
 
-    print(params_text(load(ns), as_json=ns.json))
+    print(params_text(cfg, as_json=ns.json))
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=Parser)
     common = Parser(add_help=False)
@@ -122,17 +143,27 @@ def build_parser() -> Parser:
     return parser
 
 
+def user_error(exc: Exception) -> bool:
+    """One a user can cause (analysis.stages.USER_ERRORS), printed as one message.  A config error is told
+    without importing the stages, which import torch and Ray."""
+    from tune.config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return True
+    from analysis.stages import USER_ERRORS
+
+    return isinstance(exc, USER_ERRORS)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     ask_for_token_auth()  # Ray 2.60's token authentication, on without its warning (README, "Ray's token")
-    from analysis.stages import USER_ERRORS
-
     try:
         if getattr(ns, "dashboard", False):  # Ray starts now, with its dashboard; the stages then use it
             start_dashboard(load(ns))
         ns.func(ns)
-    except USER_ERRORS as exc:
-        if ns.debug:
+    except Exception as exc:
+        if ns.debug or not user_error(exc):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -275,7 +275,9 @@ def summarize_seeds(
     """From several seeds' results.csv (each with its row_scores.npz beside it): mean ± std over seeds
     (results_summary.csv), paired differences against best_single (paired_differences.csv), the paired
     bootstrap intervals of the seed-averaged metrics and their differences with McNemar's test
-    (intervals_summary.csv, ``resamples`` resamples seeded with ``seed``) and the methods figure."""
+    (intervals_summary.csv, ``resamples`` resamples seeded with ``seed``) and the methods figure.
+    One seed's summary beside its own results.csv leaves out results_all_seeds.csv and
+    intervals_summary.csv: they would repeat its results.csv and intervals.csv."""
 
     out = Path(out_dir)
     results = read_results(result_files)
@@ -293,9 +295,11 @@ def summarize_seeds(
             )
         ids = seed_ids
     intervals = interval_table(values, baseline=BASELINE, resamples=resamples, seed=seed)
-    write_csv_atomic(results, out / "results_all_seeds.csv")
+    one_seed_in_place = len(result_files) == 1 and out.resolve() == Path(result_files[0]).parent.resolve()
+    if not one_seed_in_place:
+        write_csv_atomic(results, out / "results_all_seeds.csv")
+        write_csv_atomic(intervals, out / INTERVALS_SUMMARY_FILE)
     write_csv_atomic(summary, out / "results_summary.csv")
     write_csv_atomic(diffs, out / "paired_differences.csv")
-    write_csv_atomic(intervals, out / INTERVALS_SUMMARY_FILE)
     fig = figures.methods_figure(intervals, metric, out / f"methods_{metric}.png")
     return {"summary": summary, "paired_differences": diffs, "intervals": intervals, "figure": str(fig)}

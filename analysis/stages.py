@@ -180,6 +180,11 @@ class Trained:
 def _trained(cfg: Config) -> Trained:
     """The run's own training, in the local root (its checkpoints downloaded from a remote one)."""
     experiment = fetch(cfg, experiment_dir(cfg, "train"), weights=True)
+    if not experiment.is_dir():  # analyze, crossover or report before any training: say what to run
+        raise ExperimentReadError(
+            f"{experiment}: no training yet; run `python run.py train` first, with the same config file "
+            "and overrides as this command"
+        )
     return Trained(experiment, None, analysis_dir(cfg), final_dir(cfg), cfg.run.seed, cfg.run.name)
 
 

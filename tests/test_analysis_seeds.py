@@ -134,3 +134,26 @@ def test_summarize_seeds_writes_tables_intervals_and_figure(tmp_path):
     )
     with pytest.raises(EvaluationError, match="other sentences"):
         summarize_seeds(files, tmp_path / "summary", resamples=200)
+
+
+def test_one_seeds_summary_beside_its_results_repeats_no_file(tmp_path):
+    """A one-seed report summarises into its own analysis folder: results_all_seeds.csv and
+    intervals_summary.csv would be copies of its results.csv and intervals.csv there."""
+    from analysis import summarize_seeds
+
+    f = tmp_path / "analysis" / "results.csv"
+    f.parent.mkdir()
+    results()[lambda r: r["seed"] == 0].to_csv(f, index=False)
+    rows = {m: {"emotion_accuracy": np.ones(20)} for m in ("best_single", "crossover")}
+    save_row_scores(f.with_name("row_scores.npz"), {"test": rows}, {"test": [f"r{i}" for i in range(20)]})
+
+    out = summarize_seeds([f], f.parent, resamples=50)
+    assert set(out["intervals"]["n_seeds"]) == {1}  # the intervals are still returned (and printed)
+    written = {p.name for p in f.parent.iterdir()}
+    assert {"results_summary.csv", "paired_differences.csv", "methods_emotion_accuracy.png"} <= written
+    assert not written & {"results_all_seeds.csv", "intervals_summary.csv"}
+
+    summarize_seeds([f], tmp_path / "elsewhere", resamples=50)  # nothing beside it to repeat: all written
+    assert {"results_all_seeds.csv", "intervals_summary.csv"} <= {
+        p.name for p in (tmp_path / "elsewhere").iterdir()
+    }

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,8 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
     ]:
         assert (run / f).is_file(), f
     assert not (run / "lr_sweep" / "lr_sweep_all.csv").exists()  # the figure's CSV holds that table
+    for copy in ("results_all_seeds.csv", "intervals_summary.csv"):  # one seed: results.csv, intervals.csv
+        assert not (run / "analysis" / copy).exists(), copy
     figure_rows = pd.read_csv(run / "lr_sweep" / "lr_sweep.csv")
     assert {"lr_peak", "epoch", "val_loss", "train_loss", "selection_score"} <= set(figure_rows)
     results = pd.read_csv(run / "analysis" / "results.csv")
@@ -154,7 +157,7 @@ def test_user_errors_are_one_line_and_a_traceback_only_with_debug(tmp_path):
             "analyze",
             smoke,
             f"run.output_root={tmp_path}",
-        ): f"{tmp_path / 'smoke' / 'train'}: no such directory",
+        ): f"{tmp_path / 'smoke' / 'train'}: no training yet; run `python run.py train` first",
         ("resume", str(tmp_path)): "not an experiment started by run.py",
     }
     for args, message in cases.items():
@@ -181,6 +184,51 @@ def test_bad_config_is_one_clear_error(tmp_path):
         and "optim.lr: 'fast'" in out.stderr
     )
     assert not (tmp_path / "smoke").exists()  # nothing started
+
+
+def test_analyze_crossover_and_report_before_training_say_to_train_first(tmp_path):
+    from analysis.experiment import ExperimentReadError
+    from analysis.stages import BY_NAME
+    from tune.config import load_config
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"run.output_root={tmp_path}"])
+    for command in ("analyze", "crossover", "report"):
+        with pytest.raises(ExperimentReadError, match=r"no training yet; run `python run\.py train` first"):
+            BY_NAME[command](cfg)
+    assert not (tmp_path / "smoke").exists()  # nothing written
+
+
+# Every command that takes a config, with a typo'd key, in one fresh interpreter; then what it imported.
+CONFIG_ERROR_BEFORE_IMPORTS = """
+import contextlib, io, json, sys
+import run
+
+commands = [[c] for c in ("sweep", "train", "analyze", "crossover", "report", "all", "status", "params")]
+results = {}
+for command in [*commands, ["sweep", "--dashboard"]]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main([*command, "configs/default.yaml", "optim.lrr=1"])
+    results[" ".join(command)] = [code, err.getvalue()]
+print(json.dumps({"results": results, "heavy": [m for m in ("torch", "ray") if m in sys.modules]}))
+"""
+
+
+def test_a_config_error_is_reported_before_torch_or_ray_is_imported():
+    """A typo'd key is reported in a fraction of a second, not after the seconds torch and Ray take to
+    import (18-113 s on a loaded 2-core machine): each command validates its config first."""
+    out = subprocess.run(
+        [sys.executable, "-c", CONFIG_ERROR_BEFORE_IMPORTS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for command, (code, stderr) in report["results"].items():
+        assert code == 2 and "optim.lrr: unknown key" in stderr, (command, code, stderr)
+    assert report["heavy"] == [], f"imported before the config error was reported: {report['heavy']}"
 
 
 def test_params_prints_the_730m_table_with_targets():
