@@ -35,6 +35,7 @@ from ray.tune.experiment import Trial
 
 from tune.checkpoints import MANIFEST, drop_resume_state
 from tune.config import Config, cache_dir, config_from_dict, config_to_dict, is_uri, with_overrides
+from tune.faults import FaultStop, out_of_space, space_line, take_fault
 from tune.files import write_json_atomic
 from tune.layout import CONFIG_FILE, SPLIT_FILE
 from tune.resources import cluster_address, trial_resources
@@ -59,6 +60,8 @@ class EpochPrinter(Callback):
         self.stage, self.epochs = stage, epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result:  # a trial's fault report (tune.faults): FaultStop shows it
+            return
         ckpt = "  [checkpoint]" if result.get("checkpoint_dir_name") else ""
         print(
             f"[{self.stage}] lr={result['lr_peak']:.1e}  epoch {result['epoch']:>3}/{self.epochs}"
@@ -350,7 +353,7 @@ def fit(
         )
         # The restored run keeps its original RunConfig and TuneConfig: the callbacks, the trial names.
     else:
-        callbacks = [EpochPrinter(stage, epochs)]
+        callbacks = [FaultStop(), EpochPrinter(stage, epochs)]  # FaultStop first: before Tune's loggers
         if stage == "train" and cfg.train.keep_resume_state == "latest":
             callbacks.append(ResumeStatePruner(epochs))
         parent, name = experiment.rsplit("/", 1)
@@ -370,7 +373,14 @@ def fit(
             tune_config, trial_name_creator=trial_name, trial_dirname_creator=trial_name
         )
         tuner = Tuner(trainable, param_space=param_space, tune_config=named, run_config=run_config)
-    results = tuner.fit()
+    take_fault()  # none left from an earlier experiment in this process
+    try:
+        results = tuner.fit()
+    except Exception as exc:  # a full disk: one line, no traceback, no retry (tune/faults.py)
+        line = take_fault()
+        if line is not None or out_of_space(exc) is not None:
+            raise ExperimentError(_out_of_space_message(line, exc, path)) from None
+        raise
     errors = [r for r in results if r.error is not None]
     if errors:
         lines = "; ".join(
@@ -382,3 +392,11 @@ def fit(
             f"Fix the cause, then continue with: python run.py resume {path}"
         )
     return results
+
+
+def _out_of_space_message(line: str | None, exc: BaseException, path: Path) -> str:
+    """The one line a run stopped by a full disk (or quota, or read-only filesystem) ends with: a trial's
+    ``line`` (path, free space, one checkpoint's size), or what the driver's own write met."""
+    if line is None:  # the driver's own write (Tune's records) failed
+        line = space_line(out_of_space(exc), path, None)
+    return f"{line}. Not retried. Free space, then continue with: python run.py resume {path}"
