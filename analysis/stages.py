@@ -49,6 +49,7 @@ from tune.layout import (
     sweep_outputs_dir,
 )
 from tune.memory import PlanError, cpu_budget, plan_for, planning_budget
+from tune.recovery import checkpoint_epochs
 from tune.resources import cluster_address
 from tune.runner import ExperimentError, dedupe_epochs, resume_config
 from tune.storage import fetch, publish
@@ -111,6 +112,8 @@ def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False)
     # From Tune's records, not the checkpoint files (a remote run's weights stay where they are).
     epochs = dedupe_epochs(results[0].metrics_dataframe)
     checkpoints = sorted(int(m["epoch"]) for _, m in results[0].best_checkpoints)
+    if Path(results[0].path).is_dir():  # local: a recovered trial's Tuner records only what it wrote
+        checkpoints = sorted(set(checkpoints) | set(checkpoint_epochs(Path(results[0].path))))
     fig = learning_curves_figure(epochs, analysis_dir(cfg) / "learning_curves.png", checkpoints)
     publish(cfg, fig, fig.with_suffix(".csv"))
     print(

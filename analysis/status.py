@@ -34,6 +34,7 @@ from tune.layout import (
     seeds_dir,
 )
 from tune.progress import PROGRESS_FILE, WRITE_EVERY_S, format_seconds
+from tune.recovery import BROKEN
 from tune.runner import (
     NOT_READ_BY,
     ExperimentError,
@@ -98,10 +99,24 @@ def training_config(cfg: Config, command: str) -> Config:
     return with_lr(cfg, lr)
 
 
+def _moved_aside(experiment: Path) -> list[str]:
+    """What a resume moved aside (``tune.recovery``): checkpoints that did not verify, Tune's old state."""
+    found = sorted([*experiment.glob(f"*/{BROKEN}/*"), *experiment.glob(f"{BROKEN}/*")])
+    return [f"    moved aside (does not verify, or replaced): {p}" for p in found]
+
+
 def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
     stored, _ = load_experiment_config(status.path)
     total = stored.train.epochs
     results = status.results
+    if status.problem:
+        on_disk = newest_checkpoint_epoch(status.path)
+        return [
+            f"  training  {status.path}: {status.problem}",
+            f"    newest checkpoint folder with a manifest: epoch {on_disk}/{total}; resume verifies each and "
+            "continues from the newest that verifies",
+            *_moved_aside(status.path),
+        ]
     if results is None or not len(results):
         return [f"  training  {status.path}: started, no trial yet"]
     result, state = results[0], next(iter(status.trials.values()))
@@ -128,7 +143,7 @@ def _train_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
     if result.error is not None:
         message = str(result.error).strip().splitlines()
         lines.append(f"    ERROR: {message[-1] if message else type(result.error).__name__}")
-    return lines + _differences(stored, cfg, "train")
+    return lines + _moved_aside(status.path) + _differences(stored, cfg, "train")
 
 
 def _seeds_lines(status: ExperimentStatus, seeds: list[int], summary: Path) -> list[str]:

@@ -35,8 +35,10 @@ from ray.tune.experiment import Trial
 
 from tune.checkpoints import MANIFEST, drop_resume_state
 from tune.config import Config, cache_dir, config_from_dict, config_to_dict, is_uri, with_overrides
+from tune.faults import FaultStop, out_of_space, space_line, take_fault
 from tune.files import write_json_atomic
 from tune.layout import CONFIG_FILE, SPLIT_FILE
+from tune.recovery import ContinueTrial, KeepTrialRecords, Recovery
 from tune.resources import cluster_address, trial_resources
 from tune.storage import publish, storage
 from tune.trainable import run_trial
@@ -59,6 +61,8 @@ class EpochPrinter(Callback):
         self.stage, self.epochs = stage, epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result:  # a trial's fault report (tune.faults): FaultStop shows it
+            return
         ckpt = "  [checkpoint]" if result.get("checkpoint_dir_name") else ""
         print(
             f"[{self.stage}] lr={result['lr_peak']:.1e}  epoch {result['epoch']:>3}/{self.epochs}"
@@ -84,8 +88,9 @@ def trial_name(trial: Trial) -> str:
     return f"seed{trial.config['seed']}_{name}" if "seed" in trial.config else name
 
 
-def trainable_for(cfg: Config, stage: str):
-    """The trial function with its config (and, on a cluster, its data) bound, and its resource request.
+def trainable_for(cfg: Config, stage: str, resume_from: Path | None = None):
+    """The trial function with its config (and, on a cluster, its data) bound, and its resource request;
+    ``resume_from``: the checkpoint a recovered trial continues from (``tune.recovery``).
 
     On a cluster (``resources.address``) the workers may not share the driver's filesystem, so the
     encoded data travels through Ray's object store, compacted to its own rows; on one machine the
@@ -96,6 +101,8 @@ def trainable_for(cfg: Config, stage: str):
         from tune.data import prepare_data
 
         shipped["data"] = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).compacted()
+    if resume_from is not None:
+        shipped["resume_from"] = str(resume_from)
     return with_resources(with_parameters(run_trial, cfg=cfg, stage=stage, **shipped), trial_resources(cfg))
 
 
@@ -142,6 +149,7 @@ class ExperimentStatus:
 
     path: Path
     analysis: ExperimentAnalysis | None  # None: Tune wrote no snapshot yet (the driver died at start-up)
+    problem: str | None = None  # Tune's snapshot is there but unreadable (torn): `resume` recovers it
 
     @property
     def trials(self) -> dict[str, str]:
@@ -163,6 +171,8 @@ def experiment_status(path: Path) -> ExperimentStatus | None:
         return None
     try:
         analysis = ExperimentAnalysis(str(path))
+    except json.JSONDecodeError as exc:  # torn by a full disk or a crash; tune.recovery continues it
+        return ExperimentStatus(Path(path), None, f"Tune's experiment state is unreadable ({exc})")
     except ValueError:  # Ray's "No experiment snapshot file ... was found": nothing ran yet
         analysis = None
     return ExperimentStatus(Path(path), analysis)
@@ -324,8 +334,10 @@ def fit(
     epochs: int,
     resume: bool,
     experiment: str | None = None,
+    recovery: Recovery | None = None,
 ):
-    """Start a new experiment, or restore it when ``resume`` is set.
+    """Start a new experiment, or restore it when ``resume`` is set, or (``recovery``, when Tune's record
+    of it is lost) start a fresh Tuner whose trial continues in its old folder from a checkpoint.
 
     ``experiment``: its place under the output root, ``<run.name>/<stage>`` unless given (the seeds'
     training is ``<run.name>/seeds/train``).  It lives in the run's storage (a local directory or a URI);
@@ -335,12 +347,14 @@ def fit(
     experiment = experiment or f"{cfg.run.name}/{stage}"
     st = storage(cfg)
     path = st.local / experiment
-    trainable = trainable_for(cfg, stage)
+    recovering = recovery is not None and recovery.problem is not None
+    start = recovery.checkpoint.path if recovering and recovery.checkpoint else None
+    trainable = trainable_for(cfg, stage, resume_from=start)
     shown = st.display(experiment) if st.remote else path
     print(f"[{stage}] Tune experiment {shown}  (TensorBoard: tensorboard --logdir {shown})", flush=True)
     # A local experiment is handed to Tune as a plain path, as Tune prefers; a remote one with its filesystem.
     fs = st.fs if st.remote else None
-    if resume:
+    if resume and not recovering:
         tuner = Tuner.restore(
             st.fs_path(experiment),
             trainable,
@@ -350,7 +364,9 @@ def fit(
         )
         # The restored run keeps its original RunConfig and TuneConfig: the callbacks, the trial names.
     else:
-        callbacks = [EpochPrinter(stage, epochs)]
+        callbacks = [FaultStop(), EpochPrinter(stage, epochs)]  # FaultStop first: before Tune's loggers
+        if recovering:
+            callbacks.append(KeepTrialRecords())
         if stage == "train" and cfg.train.keep_resume_state == "latest":
             callbacks.append(ResumeStatePruner(epochs))
         parent, name = experiment.rsplit("/", 1)
@@ -366,11 +382,17 @@ def fit(
             callbacks=callbacks,
             verbose=0,
         )
-        named = dataclasses.replace(
-            tune_config, trial_name_creator=trial_name, trial_dirname_creator=trial_name
-        )
+        dirname = ContinueTrial(recovery.trial_dir.name, recovery.last_index) if recovering else trial_name
+        named = dataclasses.replace(tune_config, trial_name_creator=trial_name, trial_dirname_creator=dirname)
         tuner = Tuner(trainable, param_space=param_space, tune_config=named, run_config=run_config)
-    results = tuner.fit()
+    take_fault()  # none left from an earlier experiment in this process
+    try:
+        results = tuner.fit()
+    except Exception as exc:  # a full disk: one line, no traceback, no retry (tune/faults.py)
+        line = take_fault()
+        if line is not None or out_of_space(exc) is not None:
+            raise ExperimentError(_out_of_space_message(line, exc, path)) from None
+        raise
     errors = [r for r in results if r.error is not None]
     if errors:
         lines = "; ".join(
@@ -382,3 +404,11 @@ def fit(
             f"Fix the cause, then continue with: python run.py resume {path}"
         )
     return results
+
+
+def _out_of_space_message(line: str | None, exc: BaseException, path: Path) -> str:
+    """The one line a run stopped by a full disk (or quota, or read-only filesystem) ends with: a trial's
+    ``line`` (path, free space, one checkpoint's size), or what the driver's own write met."""
+    if line is None:  # the driver's own write (Tune's records) failed
+        line = space_line(out_of_space(exc), path, None)
+    return f"{line}. Not retried. Free space, then continue with: python run.py resume {path}"

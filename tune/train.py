@@ -28,6 +28,7 @@ from tune.layout import (
     seeds_experiment,
     sweep_outputs_dir,
 )
+from tune.recovery import Recovery, prepare_resume
 from tune.resources import start_ray
 from tune.runner import (
     ExperimentError,
@@ -38,7 +39,7 @@ from tune.runner import (
     load_experiment_config,
     save_experiment_config,
 )
-from tune.storage import fetch, publish
+from tune.storage import fetch, publish, storage
 
 SWEEP_SETTINGS = ("sweep", "train", "optim.lr", "run.seed")
 """Fields a sweep's LR does not depend on: the sweep's own search, the training's length, the LR itself
@@ -137,6 +138,19 @@ def _existing(path: Path, cfg: Config, *, resume_unfinished: bool, note: str, ig
     return status
 
 
+def _recovery(path: Path, cfg: Config) -> Recovery | None:
+    """Before resuming the local training experiment at ``path`` (with the config it was started with):
+    its broken checkpoints moved aside, and the plan when Tune's record of it cannot be used
+    (``tune.recovery``); printed, one line each."""
+    if storage(cfg).remote or not (path / CONFIG_FILE).is_file():
+        return None
+    check_same_config(path, cfg, "train")
+    recovery = prepare_resume(path)
+    for line in recovery.lines() if recovery else []:
+        print(line, flush=True)
+    return recovery
+
+
 def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfinished: bool = False):
     """Run the training experiment with peak LR ``cfg.optim.lr`` (see ``choose_lr`` and ``with_lr``).
 
@@ -145,9 +159,13 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
     started with.  Returns Tune's ResultGrid.
     """
     path = experiment_dir(cfg, "train")
-    status = _existing(path, cfg, resume_unfinished=resume_unfinished, note=f"peak LR {cfg.optim.lr:.2e}")
+    recovery = _recovery(path, cfg) if resume_unfinished else None
+    if recovery is not None and recovery.problem:  # Tune's record is lost: the checkpoints say where it was
+        status = None
+    else:
+        status = _existing(path, cfg, resume_unfinished=resume_unfinished, note=f"peak LR {cfg.optim.lr:.2e}")
     start_ray(cfg)
-    if status is None:
+    if status is None and recovery is None:
         print(f"[train] peak LR {cfg.optim.lr:.2e} from {lr_source}")
         save_experiment_config(cfg, path, "train")
         write_json_atomic(path / "session_info.json", session_info(cfg, lr_source))
@@ -159,9 +177,12 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
         tune_config=TuneConfig(num_samples=1, max_concurrent_trials=1),
         epochs=cfg.train.epochs,
         resume=status is not None,
+        recovery=recovery,
     )
     result = results[0]
     checkpoints = sorted(Path(c.path).name for c, _ in result.best_checkpoints)
+    if recovery is not None and recovery.problem:  # the fresh Tuner knows only the checkpoints it wrote
+        checkpoints = sorted(d.name for d in Path(result.path).glob("checkpoint_*"))
     write_json_atomic(
         path / "session_info_final.json",
         {

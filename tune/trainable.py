@@ -32,6 +32,7 @@ from tune.checkpoints import (
 )
 from tune.config import Config, cache_dir, config_to_dict
 from tune.data import EncodedData, prepare_data
+from tune.faults import FAULT, OutOfSpaceError, checkpoint_sizes, out_of_space, space_line
 from tune.files import write_json_atomic
 from tune.loop import (
     NonFiniteLossError,
@@ -77,10 +78,42 @@ def selection_score(train_losses: list[float], val_losses: list[float], overfit_
     return float(np.mean(last)) + overfit_weight * abs(train_losses[-1] - val_losses[-1])
 
 
-def run_trial(params: dict, *, cfg: Config, stage: str, data: EncodedData | None = None) -> None:
+def run_trial(
+    params: dict,
+    *,
+    cfg: Config,
+    stage: str,
+    data: EncodedData | None = None,
+    resume_from: str | None = None,
+) -> None:
     """One Tune trial: ``params["lr"]`` is the sweep trial's peak learning rate (a training run's is
     ``cfg.optim.lr``).  ``data``: the encoded data, shipped through the object store on a cluster
-    (``tune.runner.trainable_for``); else it is read from the encoding cache."""
+    (``tune.runner.trainable_for``); else it is read from the encoding cache.  ``resume_from``: a
+    checkpoint directory to continue from when Tune has none to give (``tune.recovery``).
+
+    A write that fails for lack of space (ENOSPC, EDQUOT, EROFS) is not retried: the trial reports one
+    line (``tune.faults``) and the driver stops the run."""
+    sizes: dict[str, tuple[int, int]] = {}  # one checkpoint's bytes, once the model is built
+    try:
+        _run_trial(params, cfg=cfg, stage=stage, data=data, resume_from=resume_from, sizes=sizes)
+    except OSError as exc:
+        fault = out_of_space(exc)
+        if fault is None:
+            raise
+        line = space_line(fault, trial_files()[0], sizes.get("checkpoint"))
+        report({FAULT: line})  # FaultStop ends the experiment on this report, before Tune writes it
+        raise OutOfSpaceError(line) from None  # only reached when the driver has no FaultStop
+
+
+def _run_trial(
+    params: dict,
+    *,
+    cfg: Config,
+    stage: str,
+    data: EncodedData | None,
+    resume_from: str | None,
+    sizes: dict,
+) -> None:
     assert stage in STAGES, stage
     if "seed" in params:  # one trial of several seeds' training (all --seeds N)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=int(params["seed"])))
@@ -107,6 +140,7 @@ def run_trial(params: dict, *, cfg: Config, stage: str, data: EncodedData | None
     if data is None:
         data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
     state = build_training(cfg, data, lr, epochs, device, budget=budget)
+    sizes["checkpoint"] = checkpoint_sizes(state.model)
     if state.placement.managed:
         log.warning(
             "%s trial on %s\n%s", stage, describe_device(device)["name"], format_plan(state.placement.plan)
@@ -120,6 +154,8 @@ def run_trial(params: dict, *, cfg: Config, stage: str, data: EncodedData | None
 
     start = 1
     checkpoint = get_checkpoint()
+    if checkpoint is None and resume_from is not None:  # Tune's record was lost; tune.recovery chose this one
+        checkpoint = Checkpoint.from_directory(resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             start = restore(state, Path(ckpt_dir), cfg, data) + 1
