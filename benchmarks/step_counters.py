@@ -48,8 +48,18 @@ SYNC_OPS = {
 }
 # Not kernels: allocation, shape and metadata operators (views are found by their schema).
 FREE = {
-    aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided, aten.set_,
-    aten.resize_, aten.sym_size, aten.sym_stride, aten.sym_numel, aten.is_same_size, aten.lift_fresh,
+    aten.empty,
+    aten.empty_like,
+    aten.empty_strided,
+    aten.new_empty,
+    aten.new_empty_strided,
+    aten.set_,
+    aten.resize_,
+    aten.sym_size,
+    aten.sym_stride,
+    aten.sym_numel,
+    aten.is_same_size,
+    aten.lift_fresh,
 }
 
 
@@ -149,6 +159,7 @@ def count_step(
     from tune.loop import build_training
     from tune.memory import Window, train_step
     from tune.memory import step as step_module
+
     cfg = load_config(
         CONFIGS / "default.yaml",
         [
@@ -207,7 +218,9 @@ def count_step(
         counts["rnn"] += 1
 
     handles = [
-        m.register_forward_pre_hook(rnn_hook) for m in state.model.modules() if isinstance(m, torch.nn.RNNBase)
+        m.register_forward_pre_hook(rnn_hook)
+        for m in state.model.modules()
+        if isinstance(m, torch.nn.RNNBase)
     ]
     handles += [register_optimizer_step_pre_hook(opt_pre), register_optimizer_step_post_hook(opt_post)]
     RedHeart.forward_unit = forward_unit
@@ -258,7 +271,9 @@ def format_counts(rows: list[StepCounts]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", action="append", help="tiny, mid, redheart-730m (repeatable; default tiny, mid)")
+    ap.add_argument(
+        "--preset", action="append", help="tiny, mid, redheart-730m (repeatable; default tiny, mid)"
+    )
     ap.add_argument("--strategy", action="append", help="resident, stream (repeatable; default both)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--accum", type=int, default=16)

@@ -52,14 +52,17 @@ class NeuralAnalyzer(nn.Module):
         self.exchange = nn.MultiheadAttention(d_exchange, n_exchange_heads, dropout=dropout, batch_first=True)
         self.out = mlp((c + d_exchange, size.d_out, out_dim), dropout)
 
-    def summarize(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, T, E), mask (B, T) -> summary (B, C) and the message the others read (B, X)."""
+    def summarize(
+        self, tokens: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T, E), mask (B, T) -> summary (B, C) and the message the others read (B, X).
+        ``lengths``: the rows' real tokens on the CPU (``BiRNN``)."""
         h = self.trunk(tokens)  # (B, T, C)
         if self.attn is not None:
             a = self.attn_norm(h)
             h = h + self.attn(a, a, a, key_padding_mask=~mask, need_weights=False)[0]
         if self.rnn is not None:
-            h = self.rnn(h, mask)  # (B, T, 2 * d_rnn)
+            h = self.rnn(h, mask, lengths)  # (B, T, 2 * d_rnn)
         s = self.moe(self.pool(h, mask))  # (B, C)
         return s, self.message(s)
 

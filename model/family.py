@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from model.analyzers import AdvancedAnalyzer, NeuralAnalyzer
 from model.backbone import Backbone
@@ -90,9 +91,10 @@ class RedHeart(nn.Module):
         encoder's sentence vector.
         """
         check_inputs(tokens, mask, pooled)
+        lengths = mask.sum(1).cpu()  # once for every RNN (one device sync on a GPU)
         out: dict[str, torch.Tensor] = {}
         for unit in selection_units():
-            out.update(self.forward_unit(unit.name, tokens, mask, pooled))
+            out.update(self.forward_unit(unit.name, tokens, mask, pooled, lengths=lengths))
         return out
 
     def forward_unit(
@@ -102,6 +104,8 @@ class RedHeart(nn.Module):
         mask: torch.Tensor,
         pooled: torch.Tensor,
         record: Recorder | None = None,
+        lengths: torch.Tensor | None = None,
+        checkpoint: bool = False,
     ) -> dict[str, torch.Tensor]:
         """The predictions of one selection unit's modules, computed from the encoder output alone.
 
@@ -110,7 +114,11 @@ class RedHeart(nn.Module):
         (tune/memory streams them this way).  ``record(module, tensor)``, when
         given, receives each module's main activation: the backbone's task
         features, each neural analyzer's summary and message, every other module's
-        output.  Inputs are not checked here (``check_inputs`` once per batch).
+        output.  ``lengths``: the rows' real tokens as a CPU tensor, so the RNNs pack without
+        reading the mask back from the device.  ``checkpoint``: keep only what each neural
+        analyzer's summary needs and recompute the rest in backward (group B's activations then
+        take one analyzer's room, so a larger pass fits; the same numbers, dropout included).
+        Inputs are not checked here (``check_inputs`` once per batch).
         """
         note = record or _ignore
         out: dict[str, torch.Tensor] = {}
@@ -124,7 +132,17 @@ class RedHeart(nn.Module):
         elif unit == "group_b":
             # all four summarize, then each predicts after hearing the other three
             analyzers = {t: self.module(f"neural_{t}") for t in TASKS}
-            said = {t: a.summarize(tokens, mask) for t, a in analyzers.items()}  # {task: (summary, message)}
+            if checkpoint:
+                said = {
+                    t: torch.utils.checkpoint.checkpoint(
+                        a.summarize, tokens, mask, lengths, use_reentrant=False
+                    )
+                    for t, a in analyzers.items()
+                }
+            else:
+                said = {
+                    t: a.summarize(tokens, mask, lengths) for t, a in analyzers.items()
+                }  # {task: (summary, message)}
             for t, a in analyzers.items():
                 note(f"neural_{t}", said[t][0])
                 note(f"neural_{t}", said[t][1])

@@ -9,6 +9,8 @@ GPU: forward calls per unit, kernel-launching operators and host syncs per step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -83,22 +85,50 @@ def test_a_micro_batch_must_be_a_multiple_of_the_batch_size(data_cache):
 
 
 def test_the_plan_gives_each_unit_the_largest_pass_its_turn_fits(data_cache, data):
-    """Under a tight byte budget the big units take smaller passes than the small ones, and every
-    turn still fits; with room, every unit takes the whole window in one pass."""
+    """With room, every unit takes the whole window in one pass; under a tight byte budget the big units
+    take smaller passes, group_b checkpointed where that buys a larger pass, and every turn still fits."""
     base = ["model.preset=mid", "optim.batch_size=4", "optim.grad_accum=16", "data.max_tokens=32"]
-    roomy = build_training(smoke(data_cache, *base, "memory.strategy=resident"), data, 1e-3, 1, torch.device("cpu"))
-    assert {roomy.placement.plan.pass_batches(u) for u in roomy.optimizers} == {16}
-    tight = build_training(
-        smoke(data_cache, *base, "memory.strategy=stream", "memory.gpu_budget_gb=0.6"),
-        data,
-        1e-3,
-        1,
-        torch.device("cpu"),
+    roomy = build_training(
+        smoke(data_cache, *base, "memory.strategy=resident"), data, 1e-3, 1, torch.device("cpu")
     )
-    plan = tight.placement.plan
+    assert {roomy.placement.plan.pass_batches(u) for u in roomy.optimizers} == {16}
+    assert not any(u.checkpoint for u in roomy.placement.plan.units)
+    cfg = smoke(data_cache, *base, "memory.strategy=stream", "memory.gpu_budget_gb=0.5")
+    plan = build_training(cfg, data, 1e-3, 1, torch.device("cpu")).placement.plan
     passes = {u.name: u.pass_batches for u in plan.units}
     assert max(passes.values()) == 16 and min(passes.values()) < 16, format_plan(plan)
-    assert all(u.turn_peak <= plan.limit_bytes for u in plan.units)
+    assert all(u.turn_peak <= plan.limit_bytes for u in plan.units), format_plan(plan)
+    assert plan.unit("group_b").checkpoint and plan.unit("group_b").pass_batches > 1, format_plan(plan)
+
+
+def test_checkpointing_group_b_changes_no_number(data_cache, data):
+    """The same weights, bit for bit, with group_b's activations checkpointed (its dropout recomputed
+    with the same random numbers) as without."""
+    base = [
+        "model.preset=mid",
+        "optim.batch_size=4",
+        "optim.grad_accum=4",
+        "data.max_tokens=32",
+        "model.dropout=0.1",
+    ]
+    plain = build_training(
+        smoke(data_cache, *base, "memory.strategy=resident"), data, 1e-3, 1, torch.device("cpu")
+    )
+    ckpt = build_training(
+        smoke(data_cache, *base, "memory.strategy=resident"), data, 1e-3, 1, torch.device("cpu")
+    )
+    units = tuple(dataclasses.replace(u, checkpoint=u.name == "group_b") for u in ckpt.placement.plan.units)
+    ckpt.placement.plan = dataclasses.replace(ckpt.placement.plan, units=units)
+    before = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    for state in (plain, ckpt):
+        batches = iterate_batches(data, "train", 4, shuffle=True, generator=torch.Generator().manual_seed(5))
+        for step in range(2):
+            window = [next(batches) for _ in range(4)]
+            train_step(state, Window(epoch=1, step=step + 1, first_batch=4 * step, batches=window))
+    a, b = plain.model.state_dict(), ckpt.model.state_dict()
+    assert not torch.equal(a["neural_emotion.trunk.0.weight"], before["neural_emotion.trunk.0.weight"])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("preset", ["tiny"])  # mid: python -m benchmarks.step_counters (minutes on 2 cores)

@@ -111,6 +111,10 @@ class OptimConfig:
     lower it when evaluation does not fit the GPU budget)."""
     grad_accum: int = 16
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    pad_multiple: int = 32
+    """Each forward pass pads its rows to a multiple of this many tokens (at most data.max_tokens), so
+    passes come in a few shapes: a GPU picks kernels and cuDNN builds its RNN plans per shape.  1: pad
+    to the longest row only.  Padding is masked everywhere: it changes rounding, not the model."""
     micro_batch: int = 0
     """Rows per forward and backward pass, a multiple of batch_size up to batch_size * grad_accum; 0 (auto):
     the largest the memory plan fits.  A speed knob, not a math knob: the loss weighs each row as its
@@ -415,6 +419,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(o.batch_size >= 1, "optim.batch_size: must be >= 1")
     need(o.eval_batch_size >= 1, "optim.eval_batch_size: must be >= 1")
     need(o.grad_accum >= 1, "optim.grad_accum: must be >= 1")
+    need(o.pad_multiple >= 1, "optim.pad_multiple: must be >= 1 (1: pad to the longest row only)")
     need(
         o.micro_batch == 0
         or (o.micro_batch % o.batch_size == 0 and o.batch_size <= o.micro_batch <= o.batch_size * o.grad_accum),

@@ -143,6 +143,8 @@ class TrainingState:
     seed: int  # dropout streams derive from it
     param_names: dict[nn.Parameter, str] = field(default_factory=dict)
     loss_weights: dict[str, float] = field(default_factory=dict)
+    pad_multiple: int = 1  # a forward pass's tokens are padded to a multiple of this (few shapes)
+    max_tokens: int | None = None
 
 
 def choose_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -228,6 +230,8 @@ def build_training(
         seed=cfg.run.seed,
         param_names={p: n for n, p in model.named_parameters()},
         loss_weights=loss_weights(dict(cfg.optim.task_weights)),
+        pad_multiple=cfg.optim.pad_multiple,
+        max_tokens=cfg.data.max_tokens,
     )
 
 

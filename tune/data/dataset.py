@@ -298,11 +298,15 @@ class Batch:
         return Batch(**moved)
 
 
-def concat_batches(batches: Sequence[Batch]) -> Batch:
-    """One batch of every row of ``batches``, in order, padded to the longest of them (CPU batches)."""
-    if len(batches) == 1:
+def concat_batches(batches: Sequence[Batch], *, multiple: int = 1, cap: int | None = None) -> Batch:
+    """One batch of every row of ``batches``, in order (CPU batches), padded to the longest of them
+    rounded up to a multiple of ``multiple`` tokens, but not past ``cap`` (nor below the longest)."""
+    longest = max(b.mask.shape[1] for b in batches)
+    width = -(-longest // multiple) * multiple
+    if cap is not None:
+        width = max(longest, min(width, cap))
+    if len(batches) == 1 and width == longest:
         return batches[0]
-    width = max(b.mask.shape[1] for b in batches)
 
     def pad(t: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, width, ...), zeros / False after T
         extra = width - t.shape[1]

@@ -132,7 +132,11 @@ def plan_for(
     plan = make_plan(
         sizes, settings, window=o.grad_accum, requested_pass=o.micro_batch // o.batch_size or None
     )
-    return plan, tuple(dataclasses.replace(s, pass_batches=plan.pass_batches(s.name)) for s in sizes)
+    chosen = {u.name: u for u in plan.units}
+    return plan, tuple(
+        dataclasses.replace(s, pass_batches=chosen[s.name].pass_batches, checkpoint=chosen[s.name].checkpoint)
+        for s in sizes
+    )
 
 
 def memory_report(cfg: Config, tasks: dict[str, TaskSpec], input_dim: int) -> dict:

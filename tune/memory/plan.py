@@ -59,12 +59,17 @@ class UnitSize:
     priority: int
     param_numels: tuple[int, ...]  # in the order of the unit's parameters
     activation_bytes: int
+    checkpointed_activation_bytes: int = 0
+    """Activations with activation checkpointing inside the unit (0: the unit has none)."""
     pass_batches: int = 1
     """Micro-batches its forward and backward take at once (the plan chooses; activations scale with it)."""
+    checkpoint: bool = False
+    """Whether its turn uses activation checkpointing (the plan chooses it where it buys a larger pass)."""
 
     @property
     def pass_activation_bytes(self) -> int:
-        return self.activation_bytes * self.pass_batches
+        per_batch = self.checkpointed_activation_bytes if self.checkpoint else self.activation_bytes
+        return per_batch * self.pass_batches
 
     @property
     def numel(self) -> int:
@@ -123,6 +128,8 @@ class UnitPlacement:
     """Estimated allocator bytes at the peak of this unit's turn."""
     pass_batches: int
     """Micro-batches of the window its forward and backward take at once."""
+    checkpoint: bool
+    """Activation checkpointing inside the unit during its turn."""
     moved_bytes: int
     """Bytes copied between CPU and GPU per optimizer step, both directions (0 when resident)."""
 
@@ -191,6 +198,10 @@ class MemoryPlan(PlanSettings):
 # Sizes, on the meta device
 
 
+CHECKPOINTED_UNIT = "group_b"
+"""The unit whose turn can use activation checkpointing (``RedHeart.forward_unit(checkpoint=True)``)."""
+
+
 def measure_units(
     model: torch.nn.Module, batch_size: int, tokens: int, input_dim: int, activation_bytes: int
 ) -> tuple[UnitSize, ...]:
@@ -216,19 +227,33 @@ def measure_units(
     x = torch.empty(batch_size, t_est, input_dim, device="meta")  # (B, T, E)
     mask = torch.ones(batch_size, t_est, dtype=torch.bool, device="meta")
     pooled = torch.empty(batch_size, input_dim, device="meta")
-    sizes = []
-    for unit in selection_units():
+
+    def saved_elements(fn, *args, **kwargs) -> int:
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.forward_unit(unit.name, x, mask, pooled)
-        elements = sum(t.numel() for t in saved.values())
+            fn(*args, **kwargs)
+        return sum(t.numel() for t in saved.values())
+
+    def to_bytes(elements: int) -> int:
+        return math.ceil(elements * activation_bytes * tokens / t_est)
+
+    sizes = []
+    for unit in selection_units():
+        elements = saved_elements(model.forward_unit, unit.name, x, mask, pooled)
+        checkpointed = 0
+        if unit.name == CHECKPOINTED_UNIT:
+            # What stays outside the checkpointed summaries, plus the largest summary recomputed in backward.
+            outside = saved_elements(model.forward_unit, unit.name, x, mask, pooled, checkpoint=True)
+            inside = max(saved_elements(model.get_submodule(m).summarize, x, mask) for m in unit.modules)
+            checkpointed = to_bytes(outside + inside)
         unit_params = [p for m in unit.modules for p in model.get_submodule(m).parameters()]
         sizes.append(
             UnitSize(
                 name=unit.name,
                 priority=unit_priority(unit),
                 param_numels=tuple(p.numel() for p in unit_params),
-                activation_bytes=math.ceil(elements * activation_bytes * tokens / t_est),
+                activation_bytes=to_bytes(elements),
+                checkpointed_activation_bytes=checkpointed,
             )
         )
     return tuple(sizes)
@@ -308,6 +333,7 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
             prefetch_at=None if starts[i] is None else order[starts[i]].name,
             turn_peak=peaks[i],
             pass_batches=s.pass_batches,
+            checkpoint=s.checkpoint,
             moved_bytes=0 if s.name in resident else 2 * (s.weights + s.moments),
         )
         for i, s in enumerate(order)
@@ -334,8 +360,12 @@ def pass_candidates(window: int, requested: int | None) -> list[int]:
     return out
 
 
-def with_passes(sizes: Sequence[UnitSize], passes: dict[str, int]) -> tuple[UnitSize, ...]:
-    return tuple(dataclasses.replace(s, pass_batches=passes[s.name]) for s in sizes)
+def with_passes(
+    sizes: Sequence[UnitSize], passes: dict[str, int], checkpoint: set[str] = frozenset()
+) -> tuple[UnitSize, ...]:
+    return tuple(
+        dataclasses.replace(s, pass_batches=passes[s.name], checkpoint=s.name in checkpoint) for s in sizes
+    )
 
 
 def make_plan(
@@ -368,7 +398,10 @@ def make_plan(
             if resident_peak(sized, settings.cast_bytes) <= limit:
                 return plan("resident", place(sized, everything, no_prefetch))
         raise PlanError(
-            _no_fit(plan("resident", place(sized, everything, no_prefetch)), "memory.strategy=resident does not fit")
+            _no_fit(
+                plan("resident", place(sized, everything, no_prefetch)),
+                "memory.strategy=resident does not fit",
+            )
             + "\n  memory.strategy=stream (or auto) streams what does not fit."
         )
 
@@ -377,7 +410,11 @@ def make_plan(
 
     resident = {s.name for s in sizes if s.priority >= NEVER_SWAPPED}
     passes = {s.name: candidates[-1] for s in sizes}
+    checkpointed: set[str] = set()
     placements = place(with_passes(sizes, passes), resident, settings)
+    if not fits(placements):  # the smallest pass, checkpointed where a unit can be
+        checkpointed = {s.name for s in sizes if s.checkpointed_activation_bytes}
+        placements = place(with_passes(sizes, passes, checkpointed), resident, settings)
     if not fits(placements):
         raise PlanError(
             _no_fit(
@@ -385,12 +422,19 @@ def make_plan(
             )
         )
     for s in sorted(sizes, key=lambda s: -s.activation_bytes):
-        for k in candidates[:-1]:
-            trial = place(with_passes(sizes, {**passes, s.name: k}), resident, settings)
+        # The largest pass that fits, without checkpointing where that fits the same pass.
+        options = [
+            (k, ck) for k in candidates for ck in (False, True) if not ck or s.checkpointed_activation_bytes
+        ]
+        for k, ck in options:
+            if (k, ck) == (passes[s.name], s.name in checkpointed):
+                break  # what it has already fits
+            chosen = checkpointed | {s.name} if ck else checkpointed - {s.name}
+            trial = place(with_passes(sizes, {**passes, s.name: k}, chosen), resident, settings)
             if fits(trial):
-                passes[s.name], placements = k, trial
+                passes[s.name], checkpointed, placements = k, chosen, trial
                 break
-    sized = with_passes(sizes, passes)
+    sized = with_passes(sizes, passes, checkpointed)
     for s in sorted(sized, key=lambda s: -s.priority):
         if s.name in resident:
             continue
@@ -445,7 +489,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"({'fits' if plan.resident_peak <= plan.limit_bytes else 'does NOT fit'})",
     ]
     if plan.strategy == "resident":
-        lines.append(f"  each unit's forward and backward take {plan.units[0].pass_batches} micro-batch(es) at once")
+        lines.append(
+            f"  each unit's forward and backward take {plan.units[0].pass_batches} micro-batch(es) at once"
+        )
     if plan.strategy == "stream":
         lines += [
             "",
@@ -456,7 +502,7 @@ def format_plan(plan: MemoryPlan) -> str:
             lines.append(
                 f"  {u.name:<18} {u.priority:>8} {u.numel / 1e6:>8.2f}M  {'resident' if u.resident else 'streamed':<9} "
                 f"{u.moments:<9} {u.prefetch_at or '-':<16} {size(u.turn_peak):>10} {size(u.moved_bytes):>10} "
-                f"{u.pass_batches:>5}"
+                f"{u.pass_batches:>5}{' (checkpointed)' if u.checkpoint else ''}"
             )
         total = plan.peak_bytes + plan.context_bytes
         lines += [

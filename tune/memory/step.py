@@ -126,21 +126,34 @@ class Pass:
     first: int  # index within the window of its first micro-batch
     count: int
     shares: dict[str, torch.Tensor]
+    lengths: torch.Tensor  # (rows,) real tokens per row, on the CPU (the RNNs pack by them)
 
 
-def make_passes(batches: Sequence[Batch], per_pass: int, device: torch.device) -> list[Pass]:
-    """The window's CPU micro-batches, ``per_pass`` at a time, as passes on ``device`` (no device sync)."""
+def make_passes(
+    batches: Sequence[Batch],
+    per_pass: int,
+    device: torch.device,
+    *,
+    pad_multiple: int = 1,
+    max_tokens: int | None = None,
+) -> list[Pass]:
+    """The window's CPU micro-batches, ``per_pass`` at a time, as passes on ``device`` (no device sync),
+    each padded to a multiple of ``pad_multiple`` tokens (not past ``max_tokens``)."""
     passes = []
     for first in range(0, len(batches), per_pass):
         group = batches[first : first + per_pass]
-        joined = concat_batches(group)
+        joined = concat_batches(group, multiple=pad_multiple, cap=max_tokens)
         sizes = torch.tensor([len(b) for b in group])
-        member = torch.arange(len(group)).repeat_interleave(sizes)[None, :] == torch.arange(len(group))[:, None]
+        member = (
+            torch.arange(len(group)).repeat_interleave(sizes)[None, :] == torch.arange(len(group))[:, None]
+        )
         shares = {}
         for task, mask in joined.target_mask.items():
             w = (member & mask[None, :]).float()  # (count, rows)
             shares[task] = (w / w.sum(1, keepdim=True).clamp(min=1)).to(device, non_blocking=True)
-        passes.append(Pass(joined.to(device, non_blocking=True), first, len(group), shares))
+        passes.append(
+            Pass(joined.to(device, non_blocking=True), first, len(group), shares, joined.mask.sum(1))
+        )
     return passes
 
 
@@ -152,17 +165,22 @@ def seed_dropout(device: torch.device, seed: int) -> None:
         torch.default_generator.manual_seed(seed)
 
 
-def _forward(state: TrainingState, unit: str, batch: Batch, index: int, epoch: int, record=None):
+def _forward(state: TrainingState, unit: str, p: Pass, index: int, epoch: int):
     seed_dropout(state.device, dropout_seed(state.seed, epoch, index, unit))
+    checkpoint = state.placement.plan.unit(unit).checkpoint
     with autocast(state.device, state.autocast_dtype):
-        return state.model.forward_unit(unit, batch.tokens, batch.mask, batch.pooled, record)
+        return state.model.forward_unit(
+            unit, p.batch.tokens, p.batch.mask, p.batch.pooled, lengths=p.lengths, checkpoint=checkpoint
+        )
 
 
 HEADS: tuple[str, ...] = tuple(m for m in GROUPS["group_a"] if MODULE_TASK[m] is not None)
 """The modules whose mean loss is the backbone's (``model.losses.module_losses``)."""
 
 
-def pass_losses(tasks: dict[str, TaskSpec], outputs: dict[str, torch.Tensor], p: Pass) -> dict[str, torch.Tensor]:
+def pass_losses(
+    tasks: dict[str, TaskSpec], outputs: dict[str, torch.Tensor], p: Pass
+) -> dict[str, torch.Tensor]:
     """Each module's loss on each micro-batch of the pass (count,), plus "backbone" (the heads' mean)."""
     losses = {}
     for module, pred in outputs.items():
@@ -233,7 +251,9 @@ def train_step(state: TrainingState, window: Window) -> StepResult:
     for unit in UNITS:
         k = plan.pass_batches(unit)
         if k not in passes_of:
-            passes_of[k] = make_passes(window.batches, k, state.device)
+            passes_of[k] = make_passes(
+                window.batches, k, state.device, pad_multiple=state.pad_multiple, max_tokens=state.max_tokens
+            )
     # Per loss column, per micro-batch: the loss, detached (filled in as the units run).
     losses_of: dict[str, list[torch.Tensor]] = {}
     emotion_of: dict[str, list[torch.Tensor]] = {}  # each emotion module's outputs, pass by pass
@@ -248,7 +268,7 @@ def train_step(state: TrainingState, window: Window) -> StepResult:
         k = plan.pass_batches(unit)
         parts: dict[str, list[torch.Tensor]] = {}
         for p in passes_of[k]:
-            outputs = _forward(state, unit, p.batch, window.first_batch + p.first, window.epoch)
+            outputs = _forward(state, unit, p, window.first_batch + p.first, window.epoch)
             losses = pass_losses(state.tasks, outputs, p)
             objective = sum(weights[m] * losses[m].sum() for m in PREDICTING if m in losses) / n
             state.scaler.scale(objective).backward()
@@ -385,9 +405,13 @@ def predict_outputs(
     for b in batches:
         check_inputs(b.tokens, b.mask, b.pooled)
 
+    lengths = [b.mask.sum(1) for b in batches]  # on the CPU, before the batches move
+
     def run(unit: str, j: int, batch: Batch) -> None:
         with autocast(device, autocast_dtype):
-            outs[j].update(model.forward_unit(unit, batch.tokens, batch.mask, batch.pooled, record))
+            outs[j].update(
+                model.forward_unit(unit, batch.tokens, batch.mask, batch.pooled, record, lengths=lengths[j])
+            )
 
     if placement is not None and placement.streaming:
         if device.type == "cuda":  # each batch goes to the device once per unit: page-locked, asynchronously
