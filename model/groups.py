@@ -123,6 +123,11 @@ def selection_units() -> tuple[SelectionUnit, ...]:
     return tuple(units)
 
 
+UNITS: tuple[str, ...] = tuple(u.name for u in selection_units())
+"""Every selection unit's name, in declaration order: the units that train, step and stream apart."""
+UNIT_MODULES: dict[str, tuple[str, ...]] = {u.name: u.modules for u in selection_units()}
+
+
 def unit_priority(unit: SelectionUnit) -> int:
     """A unit's swap priority: its highest member's, since a linked group moves as one unit
     (group A holds the backbone, which is never swapped, so group A never is)."""

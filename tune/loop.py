@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from model.family import RedHeart, build_model, fuse
-from model.groups import MODULE_TASK
+from model.groups import MODULE_TASK, UNIT_MODULES, UNITS
 from model.losses import metric_sums, module_losses, total_loss
 from model.tasks import TaskSpec
 from tune.config import Config
@@ -41,7 +41,6 @@ from tune.memory import (
     total_of,
     train_step,
 )
-from tune.memory.step import UNIT_MODULES, UNITS
 
 __all__ = [
     "EpochResult",

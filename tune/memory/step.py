@@ -1,25 +1,24 @@
 """One optimizer step and one prediction pass, with the weights wherever the placement keeps them.
 
-Two shapes of the same step:
+Units outer: each unit in turn is on the device (resident, or streamed in by the
+``Placement``), runs its forward and backward over the window's micro-batches in as
+few passes as its turn fits (``Pass``: ``plan.unit(u).pass_batches`` micro-batches at
+once, group_b's summaries checkpointed where the plan says), clips and steps its own
+AdamW, and makes room for the next.  The resident and stream strategies run this same
+loop and differ only in the moves, so they give the same weights bit for bit on a CPU:
 
-- **resident** (micro-batches outer): each micro-batch runs forward through every
-  unit and backward once; then every unit steps its optimizer.
-- **streamed** (units outer, micro-batches inner): each unit in turn comes to the
-  device, runs forward and backward over all micro-batches of the window, steps
-  its own AdamW and goes home (``Placement``).
-
-They give the same weights, bit for bit on a CPU, because everything that could
-tell them apart is made independent of the order of the work:
-
-- dropout draws from a stream seeded by (run seed, epoch, micro-batch, unit), set
-  before each unit's forward, so no unit consumes another's random numbers;
-- a unit's loss is its modules' share of the total loss (the same weights, the
-  same denominator), so backward hands each module the same gradient;
+- dropout draws from a stream seeded by (run seed, epoch, first micro-batch of the pass,
+  unit), set before each unit's forward, so no unit consumes another's random numbers;
+- each row's loss weighs as in its own micro-batch's mean (the same weights, the same
+  denominator), so backward hands each module the gradient of the accumulated
+  micro-batches whatever the pass size;
 - each unit has its own AdamW and its own gradient clipping (``optim.grad_clip``
   bounds each unit's gradient norm, not the whole model's: a global norm would
   need every unit's gradient before any unit may step);
-- the reported loss and accuracy are computed afterwards from detached values
-  in the group declaration's module order.
+- the reported loss and accuracy are computed from detached values, per micro-batch.
+
+Nothing in the step reads a device value back until its numbers are read once at the
+end (``read_results``): losses are masked sums, the RNNs pack by CPU lengths.
 """
 
 from __future__ import annotations
@@ -27,24 +26,41 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from model.family import Recorder, check_inputs, fuse
-from model.groups import GROUPS, MODULE_TASK, MODULES, selection_units
+from model.family import Recorder, RedHeart, check_inputs, fuse
+from model.groups import GROUPS, MODULE_TASK, MODULES, UNIT_MODULES, UNITS
 from model.losses import masked_row_losses, row_metric
 from model.tasks import TaskSpec
 from tune.data import Batch, concat_batches
 
 if TYPE_CHECKING:
-    from tune.loop import TrainingState
+    from tune.memory.placement import Placement
 
-UNITS: tuple[str, ...] = tuple(u.name for u in selection_units())
+
+class TrainingState(Protocol):
+    """What a step needs of the training state (``tune.loop.TrainingState`` is one)."""
+
+    model: RedHeart
+    optimizers: dict[str, torch.optim.Optimizer]  # one AdamW per unit
+    placement: Placement
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tasks: dict[str, TaskSpec]
+    fusion_weights: dict[str, float]
+    loss_weights: dict[str, float]
+    grad_clip: float
+    seed: int
+    param_names: dict[nn.Parameter, str]
+    pad_multiple: int
+    max_tokens: int | None
+
 UNIT_INDEX: dict[str, int] = {u: i for i, u in enumerate(UNITS)}
-UNIT_MODULES: dict[str, tuple[str, ...]] = {u.name: u.modules for u in selection_units()}
 PREDICTING: tuple[str, ...] = tuple(m for m in MODULES if MODULE_TASK[m] is not None)
 
 
