@@ -302,7 +302,8 @@ def memory_metrics(state: TrainingState, tr) -> dict:
         peaks = state.placement.take_peaks()
         m["peak_memory_mb"] = peaks["allocated"] / 2**20
         m["peak_reserved_mb"] = peaks["reserved"] / 2**20
-        m["context_mb"] = state.placement.budget.context_bytes / 2**20
+        m["context_mb"] = state.placement.budget.context_bytes / 2**20  # this process's own (NVML or warm-up)
+        m["other_processes_mb"] = state.placement.budget.others_bytes / 2**20  # reported, not charged
         m["alloc_retries_total"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     return m
 
@@ -314,7 +315,9 @@ def memory_record(state: TrainingState, budget, moves: list[dict], trace: list[d
         "strategy": plan.strategy,
         "device": plan.device,
         "budget_bytes": budget.bytes,
-        "context_bytes": budget.context_bytes,
+        "context_bytes": state.placement.budget.context_bytes,  # as measured again after the first step
+        "context_source": budget.context_source,
+        "other_processes_bytes": state.placement.budget.others_bytes,
         "target": plan.target,
         "resident": list(plan.resident),
         "streamed": list(plan.streamed),
