@@ -29,6 +29,7 @@ from tune.checkpoints import (
     restore_rng,
     verify_checkpoint,
     write_checkpoint,
+    write_timing,
 )
 from tune.config import Config, cache_dir, config_to_dict
 from tune.data import EncodedData, prepare_data
@@ -226,6 +227,10 @@ def _run_trial(
                 meta=meta,
                 resume_state=resume_state(state, epoch),  # the driver prunes older copies (ResumeStatePruner)
             )
+            written = write_timing(ckpt_dir)  # also logged: "checkpoint N: wrote X GB in Y s, hashed in Z s"
+            metrics["checkpoint_gb"] = written["bytes"] / 1e9
+            metrics["checkpoint_write_s"] = written["write_s"]
+            metrics["checkpoint_hash_s"] = written["hash_s"]
             report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
         lr_log, moves, trace = [], [], []
 
