@@ -61,8 +61,9 @@ def mem(**kw) -> MemoryConfig:
     return MemoryConfig(**kw)
 
 
+@pytest.mark.parametrize("others", [1, 3], ids=["two-trials", "four-trials"])
 @pytest.mark.parametrize("nvml", [True, False], ids=["nvml", "no-nvml"])
-def test_another_process_appearing_moves_neither_budget_nor_context(monkeypatch, nvml):
+def test_another_process_appearing_moves_neither_budget_nor_context(monkeypatch, nvml, others):
     card = FakeCard(context=900 * MiB, nvml=nvml).install(monkeypatch)
     budget = bm.cuda_budget(mem(gpu_budget_gb=8.0), CUDA, 0.5)
     assert card.warm_ups == 1  # the context is measured after the warm-up
@@ -71,15 +72,16 @@ def test_another_process_appearing_moves_neither_budget_nor_context(monkeypatch,
     assert budget.context_source == ("nvml" if nvml else "warm-up")
     assert card.fractions == [pytest.approx((8 * GiB - 900 * MiB) / CARD)]
 
-    # mid-run: the trial's allocator holds 5 GiB and another trial's 7.2 GiB appears on the card
+    # mid-run: the trial's allocator holds 5 GiB and the other trials' 7.2 GiB each appear on the card
     card.reserved = 5 * GiB
-    card.others[OTHER] = int(7.2 * GiB)
+    for i in range(others):
+        card.others[OTHER + i] = int(7.2 * GiB)
     after = bm.refresh_context(budget, CUDA)
     assert after.bytes == budget.bytes
     assert after.context_bytes == 900 * MiB
     assert len(card.fractions) == 1  # the cap was not lowered
     if nvml:
-        assert after.others_bytes == int(7.2 * GiB)  # reported, not charged
+        assert after.others_bytes == others * int(7.2 * GiB)  # reported, not charged
 
 
 def test_the_context_follows_this_process_only(monkeypatch):
