@@ -2,7 +2,7 @@
 # The GPU check of the training step, as one script that runs as is in one call (about 6 minutes on an H200):
 #   1. benchmarks/memory_gpu.py at the spec's shape (64 rows x 128 tokens per optimizer step, bf16):
 #      resident (no cap) and stream (8 GiB cap), the last step of each profiled (top operators by CUDA time);
-#   2. the CUDA tests (tests/test_memory_cuda.py);
+#   2. the CUDA tests (tests/test_memory_cuda.py, two processes sharing the card among them);
 #   nvidia-smi --query-compute-apps sampled every 0.5 s throughout: each process's real use, context included.
 # Each part has its own timeout; everything goes to $OUT (default runs/gpu_check).
 #   DRY=1 bash benchmarks/gpu_check.sh    # the same parts on a CPU, tiny preset (what CI runs)
@@ -42,7 +42,7 @@ for row in resident stream; do
 done
 
 log "cuda tests"
-timeout -k 5 ${TESTS_S:-90} $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \
+timeout -k 5 ${TESTS_S:-120} $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \
   > "$OUT/pytest_cuda.log" 2>&1
 log "cuda tests rc=$?"
 tail -8 "$OUT/pytest_cuda.log" | tee -a "$OUT/summary.txt"

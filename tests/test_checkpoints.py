@@ -106,3 +106,74 @@ def test_rng_capture_restores_every_generator(tmp_path):
     restore_rng(rs["rng"])
     # The state was captured before ``expected`` was drawn, so the same numbers come again.
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_every_file_is_hashed_while_written_and_the_hashes_hold(tmp_path, monkeypatch):
+    """The manifest's sha256s come from the bytes as they were written (no read-back pass: sha256_file
+    is never called while writing), and they are the files' real hashes."""
+    import tune.checkpoints as ck
+    from tune.files import sha256_file
+
+    def no_read_back(path):
+        raise AssertionError(f"{path} was read back to be hashed")
+
+    monkeypatch.setattr(ck, "sha256_file", no_read_back)
+    d = write(tmp_path)
+    monkeypatch.undo()
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in d.iterdir()} - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert entry == {"bytes": (d / name).stat().st_size, "sha256": sha256_file(d / name)}, name
+    verify_checkpoint(d)  # and verification, which does read the files, agrees
+
+
+def test_write_timing_is_recorded_and_logged(tmp_path, caplog):
+    import pyarrow.fs as pafs
+
+    from tune.checkpoints import write_timing
+
+    with caplog.at_level("WARNING", logger="tune.checkpoints"):
+        d = write(tmp_path)
+    t = write_timing(d)
+    files = json.loads((d / "manifest.json").read_text())["files"]
+    assert t["bytes"] == sum(e["bytes"] for e in files.values())
+    assert t["weights_bytes"] == sum(files[f"{g}.safetensors"]["bytes"] for g in GROUPS)
+    assert t["resume_state_bytes"] == files["resume_state.pt"]["bytes"]
+    assert t["write_s"] >= 0 and t["hash_s"] >= 0
+    assert any(
+        r.getMessage().startswith("checkpoint 2: wrote ") and " hashed in " in r.getMessage()
+        for r in caplog.records
+    )
+    drop_resume_state(pafs.LocalFileSystem(), d)
+    verify_checkpoint(d)
+    assert write_timing(d) == t  # the record stays when the resume state goes
+
+
+def test_safetensors_written_tensor_by_tensor_load_with_safetensors(tmp_path):
+    """Every dtype a state dict holds, 0-d and empty tensors: safetensors' own readers give them back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tune.checkpoints import write_hashed, write_safetensors
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "w.f32": torch.randn(5, 3, generator=g),
+        "w.bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "w.f16": torch.randn(2, 3, generator=g).to(torch.float16),
+        "w.f64": torch.randn(3, generator=g).double(),
+        "n.i64": torch.tensor(12345678901),
+        "n.i32": torch.arange(5, dtype=torch.int32),
+        "m.bool": torch.tensor([True, False, True]),
+        "m.u8": torch.arange(3, dtype=torch.uint8),
+        "e.empty": torch.empty(0, 4),
+    }
+    path = tmp_path / "t.safetensors"
+    entry, _ = write_hashed(path, lambda f: write_safetensors(f, tensors, {"group": "x"}))
+    assert entry["bytes"] == path.stat().st_size
+    back = load_file(str(path))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"group": "x"}

@@ -29,6 +29,7 @@ from tune.checkpoints import (
     restore_rng,
     verify_checkpoint,
     write_checkpoint,
+    write_timing,
 )
 from tune.config import Config, cache_dir, config_to_dict
 from tune.data import EncodedData, prepare_data
@@ -226,6 +227,10 @@ def _run_trial(
                 meta=meta,
                 resume_state=resume_state(state, epoch),  # the driver prunes older copies (ResumeStatePruner)
             )
+            written = write_timing(ckpt_dir)  # also logged: "checkpoint N: wrote X GB in Y s, hashed in Z s"
+            metrics["checkpoint_gb"] = written["bytes"] / 1e9
+            metrics["checkpoint_write_s"] = written["write_s"]
+            metrics["checkpoint_hash_s"] = written["hash_s"]
             report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
         lr_log, moves, trace = [], [], []
 
@@ -302,7 +307,8 @@ def memory_metrics(state: TrainingState, tr) -> dict:
         peaks = state.placement.take_peaks()
         m["peak_memory_mb"] = peaks["allocated"] / 2**20
         m["peak_reserved_mb"] = peaks["reserved"] / 2**20
-        m["context_mb"] = state.placement.budget.context_bytes / 2**20
+        m["context_mb"] = state.placement.budget.context_bytes / 2**20  # this process's own (NVML or warm-up)
+        m["other_processes_mb"] = state.placement.budget.others_bytes / 2**20  # reported, not charged
         m["alloc_retries_total"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     return m
 
@@ -314,7 +320,9 @@ def memory_record(state: TrainingState, budget, moves: list[dict], trace: list[d
         "strategy": plan.strategy,
         "device": plan.device,
         "budget_bytes": budget.bytes,
-        "context_bytes": budget.context_bytes,
+        "context_bytes": state.placement.budget.context_bytes,  # as measured again after the first step
+        "context_source": budget.context_source,
+        "other_processes_bytes": state.placement.budget.others_bytes,
         "target": plan.target,
         "resident": list(plan.resident),
         "streamed": list(plan.streamed),
