@@ -205,10 +205,21 @@ def _analyze(cfg: Config, t: Trained) -> None:
 def _crossover(cfg: Config, t: Trained) -> None:
     summary = crossover(t.experiment, t.final, trial=t.trial)
     publish(cfg, t.final)
-    print(f"[crossover] {t.name}: sweet spots {summary['sweet_spots']}")
-    for delta, spots in summary["variants"].items():
-        print(f"[crossover] variant {int(delta):+d}: {spots}")
+    print(f"[crossover] {t.name}: the epoch each unit comes from, in the model and in its variants:")
+    print(_indented(_table(crossover_table(summary))))
     print(f"[crossover] weights: {summary['weights']}")
+
+
+def crossover_table(summary: dict) -> pd.DataFrame:
+    """One row per unit: its sweet spot (the crossover model's epoch) and each variant's (a column per Δ)."""
+    table = pd.DataFrame({"unit": list(summary["sweet_spots"]), "epoch": list(summary["sweet_spots"].values())})
+    for delta, spots in summary["variants"].items():
+        table[f"variant {int(delta):+d}"] = [spots[u] for u in table["unit"]]
+    return table
+
+
+def _indented(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
 
 
 def _evaluate(cfg: Config, t: Trained) -> Path:
