@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tune.console import plain_ray_output
 from tune.dashboard import ask_for_token_auth, start_dashboard  # imports no Ray: Ray reads RAY_AUTH_MODE once
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # beside run.py in the checkout and in an install
@@ -158,6 +159,7 @@ def user_error(exc: Exception) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     ask_for_token_auth()  # Ray 2.60's token authentication, on without its warning (README, "Ray's token")
+    plain_ray_output()  # no colour codes in a log file; both read by Ray at import (tune/console.py)
     try:
         if getattr(ns, "dashboard", False):  # Ray starts now, with its dashboard; the stages then use it
             start_dashboard(load(ns))

@@ -76,6 +76,16 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
     # Ray's own hint pointed TensorBoard into its temporary session folder; the experiment's is printed.
     assert f"tensorboard --logdir {run / 'train'}" in first.stdout and "/tmp/ray/session" not in first.stdout
     assert "Token authentication is enabled" not in first.stderr
+    # Clean output, read whole as a log file holds it (both streams piped, no terminal): no traceback
+    # from a worker's shutdown, no colour codes, Ray's checkpoint line at most once per checkpoint
+    # (it was printed twice), and the crossover's spots as a table, not Python dicts.
+    output = first.stdout + first.stderr
+    for dirty in ("Traceback", "Exception ignored", "\x1b["):
+        assert dirty not in output, (dirty, output[-3000:])
+    checkpoints = list((run / "train").glob("*/checkpoint_*"))
+    assert len(checkpoints) == 3 and output.count("Checkpoint successfully created") <= len(checkpoints)
+    assert "[crossover] smoke: the epoch each unit comes from" in first.stdout
+    assert "{'group_a'" not in first.stdout and "variant +2" in first.stdout
 
     again = run_py(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -135,6 +145,9 @@ def test_status_of_a_finished_sweep_suggests_training(tmp_path, data_cache):
     assert out.stdout.strip().endswith(f"[status] next: python run.py train {' '.join(args)}")
     changed = run_py("status", *args, "sweep.epochs=4")
     assert "differs from the given config (sweep.epochs: 3 there, 4 given)" in changed.stdout
+    assert "reusing it with this config is refused" in changed.stdout
+    # ...and the next step is not one that would be refused: it keeps the stored value.
+    assert changed.stdout.strip().endswith(f"[status] next: python run.py train {' '.join(args)} sweep.epochs=3")
 
 
 def test_help_of_every_subcommand():
