@@ -38,6 +38,7 @@ from tune.layout import (
 )
 from tune.progress import PROGRESS_FILE, WRITE_EVERY_S, format_seconds
 from tune.recovery import BROKEN
+from tune.runlock import lock_line
 from tune.runner import (
     NOT_READ_BY,
     ExperimentError,
@@ -298,6 +299,8 @@ def run_status(cfg: Config, command: str) -> list[str]:
     train = experiment_status(experiment_dir(cfg, "train"))
     now = time.time()
     lines = [f"[status] run {cfg.run.name!r} in {run_dir(cfg)}"]
+    driver = lock_line(run_dir(cfg))  # a driver running it now, or the lock a killed one left
+    lines += [driver] if driver else []
     lines += _sweep_lines(sweep, cfg) + live_lines(sweep, now) if sweep else ["  sweep     not started"]
     train_cfg = training_config(cfg, command)
     lines += _train_lines(train, train_cfg) + live_lines(train, now) if train else ["  training  not started"]
