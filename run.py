@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tune.console import plain_ray_output
 from tune.dashboard import ask_for_token_auth, start_dashboard  # imports no Ray: Ray reads RAY_AUTH_MODE once
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # beside run.py in the checkout and in an install
@@ -56,6 +57,13 @@ def load(ns: argparse.Namespace):  # paths made absolute once, here: trials may 
     return resolve_paths(load_config(config_file(path), overrides))
 
 
+def locked(cfg):  # one driver at a time per run directory; a second one refuses (tune/runlock.py)
+    from tune.layout import run_dir
+    from tune.runlock import run_lock
+
+    return run_lock(run_dir(cfg), cfg.run.name)
+
+
 def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep result is used
     return any(a.startswith("optim.lr=") for a in ns.args)
 
@@ -66,18 +74,20 @@ def explicit_lr(ns: argparse.Namespace) -> bool:  # optim.lr=... given: no sweep
 
 def cmd_stage(ns):
     cfg = load(ns)
-    from analysis.stages import BY_NAME  # sweep, analyze, crossover, report: their stage on the loaded config
+    with locked(cfg):
+        from analysis.stages import BY_NAME  # sweep, analyze, crossover, report: their stage on the config
 
-    BY_NAME[ns.command](cfg)
+        BY_NAME[ns.command](cfg)
 
 
 def cmd_train(ns):
     cfg = load(ns)
-    from analysis.stages import train_stage
-    from tune.train import choose_lr, with_lr
+    with locked(cfg):
+        from analysis.stages import train_stage
+        from tune.train import choose_lr, with_lr
 
-    lr, source = choose_lr(cfg, explicit_lr=explicit_lr(ns), lr_from=ns.lr_from)
-    train_stage(with_lr(cfg, lr), source)
+        lr, source = choose_lr(cfg, explicit_lr=explicit_lr(ns), lr_from=ns.lr_from)
+        train_stage(with_lr(cfg, lr), source)
 
 
 def cmd_resume(ns):
@@ -91,9 +101,10 @@ def cmd_resume(ns):
 
 def cmd_all(ns):
     cfg = load(ns)
-    from analysis.stages import all_stages
+    with locked(cfg):
+        from analysis.stages import all_stages
 
-    all_stages(cfg, seeds=ns.seeds, explicit_lr=explicit_lr(ns))
+        all_stages(cfg, seeds=ns.seeds, explicit_lr=explicit_lr(ns))
 
 
 def cmd_status(ns):
@@ -147,8 +158,9 @@ def user_error(exc: Exception) -> bool:
     """One a user can cause (analysis.stages.USER_ERRORS), printed as one message.  A config error is told
     without importing the stages, which import torch and Ray."""
     from tune.config import ConfigError
+    from tune.runlock import RunInUse
 
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, ConfigError | RunInUse):
         return True
     from analysis.stages import USER_ERRORS
 
@@ -158,6 +170,7 @@ def user_error(exc: Exception) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     ask_for_token_auth()  # Ray 2.60's token authentication, on without its warning (README, "Ray's token")
+    plain_ray_output()  # no colour codes in a log file; both read by Ray at import (tune/console.py)
     try:
         if getattr(ns, "dashboard", False):  # Ray starts now, with its dashboard; the stages then use it
             start_dashboard(load(ns))

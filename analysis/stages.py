@@ -15,6 +15,7 @@ checkpoints, selection, evaluation): run.py prints them as one message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from tune.layout import (
 from tune.memory import PlanError, cpu_budget, plan_for, planning_budget
 from tune.recovery import checkpoint_epochs
 from tune.resources import cluster_address
+from tune.runlock import RunInUse, run_lock
 from tune.runner import ExperimentError, dedupe_epochs, resume_config
 from tune.storage import fetch, publish
 from tune.sweep import SweepResult, run_sweep
@@ -66,6 +68,7 @@ USER_ERRORS = (
     CrossoverError,
     SweetSpotError,
     EvaluationError,
+    RunInUse,
 )
 
 
@@ -132,15 +135,18 @@ def resume_stage(where: str | Path, overrides: list[str] | None = None) -> None:
             f"{where} holds the further seeds {seeds} of `all --seeds {len(seeds) + 1}`; continue them with "
             f"python run.py all --seeds {len(seeds) + 1} and the run's config and overrides"
         )
-    cfg, stage = resume_config(path, list(overrides or []))
-    if not located:  # a local run directory, wherever it is now: <output_root>/<run.name>/<stage>
-        run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
-        cfg = dataclasses.replace(cfg, run=run)
-    print(f"[resume] {stage} experiment {where}")
-    if stage == "sweep":
-        sweep_stage(cfg)
-    else:
-        train_stage(cfg, "the experiment's stored config", resume_unfinished=True)
+    # One driver at a time on the run (<run dir>/<stage>), before the resume writes anything; a path that
+    # holds no experiment is refused by resume_config as it was.
+    with run_lock(path.parent, path.parent.name) if _stored_record(path) else contextlib.nullcontext():
+        cfg, stage = resume_config(path, list(overrides or []))
+        if not located:  # a local run directory, wherever it is now: <output_root>/<run.name>/<stage>
+            run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
+            cfg = dataclasses.replace(cfg, run=run)
+        print(f"[resume] {stage} experiment {where}")
+        if stage == "sweep":
+            sweep_stage(cfg)
+        else:
+            train_stage(cfg, "the experiment's stored config", resume_unfinished=True)
 
 
 def _experiment_at(where: str) -> tuple[Path, bool]:
@@ -205,10 +211,23 @@ def _analyze(cfg: Config, t: Trained) -> None:
 def _crossover(cfg: Config, t: Trained) -> None:
     summary = crossover(t.experiment, t.final, trial=t.trial)
     publish(cfg, t.final)
-    print(f"[crossover] {t.name}: sweet spots {summary['sweet_spots']}")
-    for delta, spots in summary["variants"].items():
-        print(f"[crossover] variant {int(delta):+d}: {spots}")
+    print(f"[crossover] {t.name}: the epoch each unit comes from, in the model and in its variants:")
+    print(_indented(_table(crossover_table(summary))))
     print(f"[crossover] weights: {summary['weights']}")
+
+
+def crossover_table(summary: dict) -> pd.DataFrame:
+    """One row per unit: its sweet spot (the crossover model's epoch) and each variant's (a column per Δ)."""
+    table = pd.DataFrame(
+        {"unit": list(summary["sweet_spots"]), "epoch": list(summary["sweet_spots"].values())}
+    )
+    for delta, spots in summary["variants"].items():
+        table[f"variant {int(delta):+d}"] = [spots[u] for u in table["unit"]]
+    return table
+
+
+def _indented(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
 
 
 def _evaluate(cfg: Config, t: Trained) -> Path:

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import yaml
 from ray.tune.experiment import Trial
 
 from analysis.pipeline import CROSSOVER_FILE, INTERVALS_SUMMARY_FILE, RESULTS_FILE, SWEET_SPOTS_FILE
@@ -35,6 +38,7 @@ from tune.layout import (
 )
 from tune.progress import PROGRESS_FILE, WRITE_EVERY_S, format_seconds
 from tune.recovery import BROKEN
+from tune.runlock import lock_line
 from tune.runner import (
     NOT_READ_BY,
     ExperimentError,
@@ -54,7 +58,38 @@ def _differences(stored: Config, cfg: Config, stage: str) -> list[str]:
     if not diffs:
         return []
     listed = "; ".join(f"{key}: {old!r} there, {new!r} given" for key, old, new in diffs)
-    return [f"    differs from the given config ({listed}): reusing it with this config is refused"]
+    return [
+        f"    differs from the given config ({listed}): reusing it with this config is refused; the next "
+        "step below keeps the stored values (another run.name starts a new run)"
+    ]
+
+
+def stored_values(status: ExperimentStatus | None, cfg: Config, stage: str) -> dict[str, Any]:
+    """The experiment's stored value of each field where ``cfg`` differs from it (and changes results)."""
+    if status is None:
+        return {}
+    stored, _ = load_experiment_config(status.path)
+    return {key: old for key, old, _ in config_differences(stored, cfg, NOT_READ_BY[stage])}
+
+
+def override_text(value: Any) -> str:
+    """``value`` as a ``key=value`` override writes it (YAML: a float keeps its dot, 1.0e-05)."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        mantissa, e, exponent = repr(value).partition("e")
+        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_text(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value if yaml.safe_load(value) == value else json.dumps(value)
+    return str(value)
+
+
+def with_stored_values(command: str, values: dict[str, Any]) -> str:
+    """``command`` (config file and overrides) with ``values`` as overrides, in place of any it gave."""
+    kept = [arg for arg in command.split() if arg.split("=", 1)[0] not in values]
+    return " ".join([*kept, *(shlex.quote(f"{key}={override_text(v)}") for key, v in values.items())])
 
 
 def _sweep_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
@@ -264,11 +299,15 @@ def run_status(cfg: Config, command: str) -> list[str]:
     train = experiment_status(experiment_dir(cfg, "train"))
     now = time.time()
     lines = [f"[status] run {cfg.run.name!r} in {run_dir(cfg)}"]
+    driver = lock_line(run_dir(cfg))  # a driver running it now, or the lock a killed one left
+    lines += [driver] if driver else []
     lines += _sweep_lines(sweep, cfg) + live_lines(sweep, now) if sweep else ["  sweep     not started"]
-    lines += (
-        _train_lines(train, training_config(cfg, command)) + live_lines(train, now)
-        if train
-        else ["  training  not started"]
+    train_cfg = training_config(cfg, command)
+    lines += _train_lines(train, train_cfg) + live_lines(train, now) if train else ["  training  not started"]
+    # The next step names the stored values where the given config differs: with the given ones, the
+    # command it names would be refused (status said "refused" and "next: analyze" in one breath).
+    command = with_stored_values(
+        command, {**stored_values(sweep, cfg, "sweep"), **stored_values(train, train_cfg, "train")}
     )
     steps = [
         ("analyze", analysis_dir(cfg) / SWEET_SPOTS_FILE),

@@ -76,6 +76,16 @@ def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
     # Ray's own hint pointed TensorBoard into its temporary session folder; the experiment's is printed.
     assert f"tensorboard --logdir {run / 'train'}" in first.stdout and "/tmp/ray/session" not in first.stdout
     assert "Token authentication is enabled" not in first.stderr
+    # Clean output, read whole as a log file holds it (both streams piped, no terminal): no traceback
+    # from a worker's shutdown, no colour codes, Ray's checkpoint line at most once per checkpoint
+    # (it was printed twice), and the crossover's spots as a table, not Python dicts.
+    output = first.stdout + first.stderr
+    for dirty in ("Traceback", "Exception ignored", "\x1b["):
+        assert dirty not in output, (dirty, output[-3000:])
+    checkpoints = list((run / "train").glob("*/checkpoint_*"))
+    assert len(checkpoints) == 3 and output.count("Checkpoint successfully created") <= len(checkpoints)
+    assert "[crossover] smoke: the epoch each unit comes from" in first.stdout
+    assert "{'group_a'" not in first.stdout and "variant +2" in first.stdout
 
     again = run_py(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -135,6 +145,11 @@ def test_status_of_a_finished_sweep_suggests_training(tmp_path, data_cache):
     assert out.stdout.strip().endswith(f"[status] next: python run.py train {' '.join(args)}")
     changed = run_py("status", *args, "sweep.epochs=4")
     assert "differs from the given config (sweep.epochs: 3 there, 4 given)" in changed.stdout
+    assert "reusing it with this config is refused" in changed.stdout
+    # ...and the next step is not one that would be refused: it keeps the stored value.
+    assert changed.stdout.strip().endswith(
+        f"[status] next: python run.py train {' '.join(args)} sweep.epochs=3"
+    )
 
 
 def test_help_of_every_subcommand():
@@ -289,3 +304,91 @@ def test_status_compares_the_training_with_the_lr_train_would_use(tmp_path):
     # The run's own sweep decides, as in `train` and `all` (status used to call such a run "refused").
     assert training_config(cfg, "").optim.lr == 5e-4
     assert training_config(cfg, "configs/default.yaml optim.lr=2e-3").optim.lr == cfg.optim.lr
+
+
+def _train_args(tmp_path, data_cache) -> list[str]:
+    """A two-epoch training at a given LR: the shortest run that holds a run's lock while it trains."""
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    return [
+        smoke,
+        f"run.output_root={tmp_path}",
+        f"data.cache_dir={data_cache}",
+        "optim.lr=1e-3",
+        "train.epochs=2",
+    ]
+
+
+def test_a_second_driver_on_a_running_run_refuses_at_once(tmp_path, data_cache):
+    """Two drivers on one run name: the second refuses, naming the run, the host and pid holding it and
+    since when, and starts nothing; the run holds one set of trials (two drivers used to run into the
+    same experiment, two sets of trials and two experiment states)."""
+    import socket
+    import time
+
+    args = ["train", *_train_args(tmp_path, data_cache)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        holder = tmp_path / "smoke" / "run.lock.json"
+        deadline = time.time() + 120
+        while not holder.is_file():
+            assert first.poll() is None and time.time() < deadline, "the first driver never took the lock"
+            time.sleep(0.2)
+        started = time.time()
+        second = run_py(*args)
+        took = time.time() - started
+        out, _ = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode == 2 and took < 30, (took, second.stderr)
+    assert second.stderr.startswith(
+        f"error: run 'smoke' ({tmp_path / 'smoke'}) is in use by pid {first.pid} on {socket.gethostname()} since "
+    ), second.stderr
+    assert "one driver at a time per run" in second.stderr and "Traceback" not in second.stderr
+    assert "[train]" not in second.stdout  # nothing started
+    train = tmp_path / "smoke" / "train"
+    assert len([p for p in train.iterdir() if p.is_dir() and p.name.startswith("lr_")]) == 1
+    assert len(list(train.glob("experiment_state-*.json"))) == 1
+    assert not holder.exists()  # released at the end
+
+
+def test_a_lock_left_by_a_killed_driver_is_taken_over_and_said(tmp_path, data_cache):
+    """A driver killed while it held the run leaves its record; status says so, and the next command
+    (train, then resume) takes the run over with one line naming the driver that is gone."""
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs on this host
+    run = tmp_path / "smoke"
+    run.mkdir()
+    (run / "run.lock").touch()
+    left = {
+        "run": "smoke",
+        "host": socket.gethostname(),
+        "pid": gone.pid,
+        "since": "2026-01-01T00:00:00+00:00",
+        "command": "python run.py train configs/smoke.yaml",
+    }
+    (run / "run.lock.json").write_text(json.dumps(left))
+    args = _train_args(tmp_path, data_cache)
+    said = f"pid {gone.pid} on {socket.gethostname()} since 2026-01-01T00:00:00+00:00"
+
+    status = run_py("status", *args)
+    assert status.returncode == 0, status.stderr
+    assert f"driver    gone, its lock left behind: {said}" in status.stdout
+    assert "the next command takes it over" in status.stdout
+
+    trained = run_py("train", *args)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert f"[run] took over run 'smoke' from a driver that is gone: {said}" in trained.stderr
+    assert not (run / "run.lock.json").exists()
+
+    (run / "run.lock.json").write_text(json.dumps(left))  # killed again, during a later command
+    resumed = run_py("resume", str(run / "train"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"[run] took over run 'smoke' from a driver that is gone: {said}" in resumed.stderr
+    assert "finished; reusing it" in resumed.stdout
+    assert "driver" not in run_py("status", *args).stdout.split("\n", 2)[1]  # no driver, no lock left

@@ -86,6 +86,55 @@ def cluster():
         c.shutdown()
 
 
+@pytest.fixture()
+def open_cluster(monkeypatch):
+    """Two nodes of one CPU each, started as a user's script starts them: without RAY_AUTH_MODE, so
+    without token authentication (conftest asks for it, for the other clusters)."""
+    from ray.cluster_utils import Cluster
+
+    with monkeypatch.context() as env:
+        env.delenv("RAY_AUTH_MODE", raising=False)  # the nodes' processes inherit this environment
+        c = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False},
+        )
+        c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+def test_sweep_across_two_nodes_into_a_shared_local_path(open_cluster, tmp_path, data_cache):
+    """A local output root both nodes reach, on a cluster without tokens.  run.py's driver asked Ray for
+    tokens regardless (RAY_AUTH_MODE=token, here from conftest); the workers, without them, could not
+    call it back, and Ray cancelled every trial's actor before it ran ("The actor never ran").  The
+    driver now takes the cluster's mode."""
+    root = tmp_path / "runs"
+    sweep = run_py(
+        "sweep",
+        str(REPO / "configs" / "smoke.yaml"),
+        f"run.output_root={root}",
+        f"data.cache_dir={data_cache}",
+        f"resources.address={open_cluster.address}",
+        "resources.cpus_per_trial=1",
+        "sweep.lrs=[1.0e-4,1.0e-3]",
+        "sweep.max_concurrent=2",
+    )
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    assert "runs with RAY_AUTH_MODE=disabled; joining it so (RAY_AUTH_MODE=token here)" in sweep.stderr
+    results = sorted((root / "smoke" / "sweep").glob("lr_*/result.json"))
+    assert len(results) == 2, results
+    nodes = set()
+    for f in results:
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2, 3]
+        nodes |= {r["node_id"] for r in rows}
+    assert len(nodes) == 2, f"both trials ran on one node: {nodes}"
+    assert (root / "smoke" / "lr_sweep" / "best_lr.json").is_file()
+
+
 def _objects(fs: pafs.FileSystem, prefix: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
     return [i.path for i in infos if i.type == pafs.FileType.File]

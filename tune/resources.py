@@ -13,6 +13,7 @@ import ray
 import torch
 
 from tune.config import Config
+from tune.dashboard import match_cluster_auth
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ def start_ray(cfg: Config, *, include_dashboard: bool | None = None):
     if address:
         # Joining a cluster: the code travels with the job (runtime_env py_modules), so the workers need
         # only the dependencies installed; paths were resolved in the driver (tune.config.resolve_paths).
+        # Its authentication is the cluster's, not run.py's default (tune/dashboard.py).
+        match_cluster_auth(address)
         return ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": code_modules()})
     return ray.init(
         # A Ray of its own, never one that happens to run on this machine: two runs share no state.

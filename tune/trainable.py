@@ -32,6 +32,7 @@ from tune.checkpoints import (
     write_timing,
 )
 from tune.config import Config, cache_dir, config_to_dict
+from tune.console import quiet_trial
 from tune.data import EncodedData, prepare_data
 from tune.faults import FAULT, OutOfSpaceError, checkpoint_sizes, out_of_space, space_line
 from tune.files import write_json_atomic
@@ -94,6 +95,7 @@ def run_trial(
 
     A write that fails for lack of space (ENOSPC, EDQUOT, EROFS) is not retried: the trial reports one
     line (``tune.faults``) and the driver stops the run."""
+    quiet_trial()  # no Ray line per checkpoint, no traceback from the worker's exit (tune/console.py)
     sizes: dict[str, tuple[int, int]] = {}  # one checkpoint's bytes, once the model is built
     try:
         _run_trial(params, cfg=cfg, stage=stage, data=data, resume_from=resume_from, sizes=sizes)
