@@ -16,8 +16,10 @@ they are counted here on a CPU, per optimizer step of ``batch_size x grad_accum`
 - ``syncs``: operators that make the host wait for the device: ``nonzero``, ``masked_select``,
   boolean-mask ``index``, ``_local_scalar_dense`` (``.item()``, ``bool(t)``), and any copy
   between devices (on a CPU run the code's own device moves are none, so this is a lower bound).
-  Not counted: the input checks on the CPU batches and the one read of the step's numbers at
-  its end (by design), and the optimizer's reads of its own CPU step counters;
+  Not counted: the input checks on the CPU batches, the RNNs' packing by CPU lengths (and their
+  reads of the packed sequence's CPU batch sizes) and the one
+  read of the step's numbers at its end (by design), and the optimizer's reads of its own CPU
+  step counters;
 - ``optimizer_steps``: ``Optimizer.step`` calls, and ``optimizer_ops`` inside them (a CPU runs
   AdamW per tensor; a GPU runs it over all tensors at once, ``foreach``);
 - ``moved_bytes``: bytes the placement moved between host and device (stream strategy).
@@ -83,6 +85,7 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.phase = "compute"
+        self.cpu_lengths = False  # inside RNN packing: its scalar reads are of the CPU lengths, by design
         self.ops: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
         self.by_op: Counter[str] = Counter()
@@ -94,7 +97,7 @@ class OpCounter(TorchDispatchMode):
             self.ops[self.phase] += 1
             if self.phase == "compute":
                 self.by_op[str(func.overloadpacket.__name__)] += 1
-        if self.phase != "compute":
+        if self.phase != "compute" or self.cpu_lengths:
             return out
         name = None
         if func in SYNC_OPS:
@@ -188,6 +191,14 @@ def count_step(
     original_forward_unit = RedHeart.forward_unit
     original_backward = torch.Tensor.backward
     original_check, original_read = step_module.check_inputs, step_module.read_results
+    original_pack = torch.nn.utils.rnn.pack_padded_sequence
+
+    def pack(*args, **kwargs):
+        counter.cpu_lengths = True
+        try:
+            return original_pack(*args, **kwargs)
+        finally:
+            counter.cpu_lengths = False
 
     def forward_unit(self, unit, *args, **kwargs):
         forward[unit] += 1
@@ -214,18 +225,21 @@ def count_step(
     def opt_post(optimizer, args, kwargs):
         counter.phase = "compute"
 
-    def rnn_hook(module, args):
+    def rnn_in(module, args):  # a packed RNN reads its CPU batch sizes: by design, no device wait
         counts["rnn"] += 1
+        counter.cpu_lengths = True
 
-    handles = [
-        m.register_forward_pre_hook(rnn_hook)
-        for m in state.model.modules()
-        if isinstance(m, torch.nn.RNNBase)
-    ]
+    def rnn_out(module, args, output):
+        counter.cpu_lengths = False
+
+    rnns = [m for m in state.model.modules() if isinstance(m, torch.nn.RNNBase)]
+    handles = [m.register_forward_pre_hook(rnn_in) for m in rnns]
+    handles += [m.register_forward_hook(rnn_out) for m in rnns]
     handles += [register_optimizer_step_pre_hook(opt_pre), register_optimizer_step_post_hook(opt_post)]
     RedHeart.forward_unit = forward_unit
     torch.Tensor.backward = backward
     step_module.check_inputs, step_module.read_results = on_host(original_check), on_host(original_read)
+    torch.nn.utils.rnn.pack_padded_sequence = pack
     try:
         with counter:
             train_step(state, Window(1, 2, accum, windows[1]))
@@ -233,6 +247,7 @@ def count_step(
         RedHeart.forward_unit = original_forward_unit
         torch.Tensor.backward = original_backward
         step_module.check_inputs, step_module.read_results = original_check, original_read
+        torch.nn.utils.rnn.pack_padded_sequence = original_pack
         for h in handles:
             h.remove()
     moves, _ = state.placement.drain()
