@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the training step, as one script that runs as is in one call (about 6 minutes on an H200):
-#   1. benchmarks/memory_gpu.py at the spec's shape (64 rows x 128 tokens per optimizer step, bf16):
-#      resident (no cap) and stream (8 GiB cap), the last step of each profiled (top operators by CUDA time);
+#   1. benchmarks/memory_gpu.py --quick at the spec's shape (64 rows x 128 tokens per optimizer step, bf16):
+#      resident (no cap), stream (8 GiB cap), torchao's CPU offload (8 GiB cap); then one stream step profiled
+#      (top operators by CUDA time), untimed;
 #   2. the CUDA tests (tests/test_memory_cuda.py, two processes sharing the card among them);
 #   nvidia-smi --query-compute-apps sampled every 0.5 s throughout: each process's real use, context included.
 # Each part has its own timeout; everything goes to $OUT (default runs/gpu_check).
@@ -29,17 +30,20 @@ if [ -z "${DRY:-}" ] && command -v nvidia-smi >/dev/null; then
 fi
 
 if [ -n "${DRY:-}" ]; then
-  BENCH=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 2 --accum 4)
+  BENCH=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 2 --accum 4 --timeout 120)
+  PROFILE=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 1 --accum 4 --timeout 120)
 else
-  BENCH=(--steps ${STEPS:-3} --accum 16 --batch 4 --tokens 128)
+  BENCH=(--quick --accum 16 --batch 4 --tokens 128)
+  PROFILE=(--steps 2 --accum 16 --batch 4 --tokens 128 --timeout 150)
 fi
-for row in resident stream; do
-  log "bench $row"
-  timeout -k 5 ${BENCH_S:-170} $PY -m benchmarks.memory_gpu "${BENCH[@]}" --rows $row --timeout ${BENCH_S:-170} \
-    --profile "$OUT/profile" --json "$OUT/bench_$row.json" > "$OUT/bench_$row.log" 2>&1
-  log "bench $row rc=$?"
-  grep '^|' "$OUT/bench_$row.log" | tail -1 | tee -a "$OUT/summary.txt"
-done
+log "bench: resident, stream, cpu_offload"
+timeout -k 5 ${BENCH_S:-300} $PY -m benchmarks.memory_gpu "${BENCH[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+log "bench rc=$?"
+grep -v '^\[' "$OUT/bench.log" | tail -8 | tee -a "$OUT/summary.txt"
+log "profile: one untimed stream step after two timed ones"
+timeout -k 5 ${PROFILE_S:-160} $PY -m benchmarks.memory_gpu "${PROFILE[@]}" --rows stream --profile "$OUT/profile" \
+  > "$OUT/profile.log" 2>&1
+log "profile rc=$?"
 
 log "cuda tests"
 timeout -k 5 ${TESTS_S:-120} $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \

@@ -59,7 +59,7 @@ def _windows(data, args, generator):
     from tune.data import iterate_batches
 
     batches = iterate_batches(data, "train", args.batch, shuffle=True, generator=generator)
-    for _ in range(args.steps):
+    for _ in range(len(data.splits["train"]) // (args.batch * args.accum)):
         yield [next(batches) for _ in range(args.accum)]
 
 
@@ -100,36 +100,44 @@ def row_placement(args, strategy: str) -> dict:
     else:
         budget_gb = args.budget_gb
     cfg = _config(args, strategy, budget_gb)
-    data = synthetic_data(args.batch * args.accum * args.steps, args.tokens, seed=0)
+    data = synthetic_data(args.batch * args.accum * (args.steps + 1), args.tokens, seed=0)
     budget = trial_budget(cfg, device, 1.0)
     t0 = time.perf_counter()
     state = build_training(cfg, data, cfg.optim.lr, 1, device, budget=budget)
     build_s = time.perf_counter() - t0
     times, moved, loss = [], [], float("nan")
-    for k, window in enumerate(_windows(data, args, state.generator)):
-        _sync(device)
-        t = time.perf_counter()
-        profiling = args.profile is not None and k == args.steps - 1
-        if profiling:
-            prof = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU]
-                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            )
-            prof.__enter__()
-        result = train_step(state, Window(1, k + 1, k * args.accum, window))
-        if profiling:
+    windows = list(_windows(data, args, state.generator))
+    try:
+        for k, window in enumerate(windows[: args.steps]):
             _sync(device)
-            prof.__exit__(None, None, None)
-            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            table_text = prof.key_averages().table(sort_by=key, row_limit=40)
-            table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-            Path(args.profile).write_text(f"{strategy}\n{table_text}\n\nby CPU time\n{table_cpu}\n")
-        state.schedule.step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-        moves, _ = state.placement.drain()
-        moved.append(sum(m["bytes"] for m in moves))
-        loss = float(total_of(result, state.loss_weights).mean())
+            t = time.perf_counter()
+            result = train_step(state, Window(1, k + 1, k * args.accum, window))
+            state.schedule.step()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+            moves, _ = state.placement.drain()
+            moved.append(sum(m["bytes"] for m in moves))
+            loss = float(total_of(result, state.loss_weights).mean())
+    except torch.OutOfMemoryError as exc:
+        return {
+            "row": strategy,
+            "error": f"out of memory after {len(times)} steps: {str(exc).splitlines()[0]}",
+            "build_s": build_s,
+            **_memory(device, state.placement.budget, state.placement.take_peaks()),
+        }
+    if args.profile is not None:  # one more step, profiled and not timed (the profiler slows it many times)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            train_step(state, Window(1, args.steps + 1, args.steps * args.accum, windows[args.steps]))
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        averages = prof.key_averages()
+        Path(args.profile).write_text(
+            f"{strategy}\n{averages.table(sort_by=key, row_limit=40)}\n\nby CPU time\n"
+            f"{averages.table(sort_by='self_cpu_time_total', row_limit=40)}\n"
+        )
     plan = state.placement.plan
     return {
         "row": strategy,
@@ -164,9 +172,11 @@ def row_cpu_offload(args) -> dict:
     data = synthetic_data(args.batch * args.accum * args.steps, args.tokens, seed=0)
     budget = trial_budget(cfg, device, 1.0)  # the cap, as for the stream row
     seed_everything(0)
+    t0 = time.perf_counter()
     model = build_model(cfg.model, data.tasks, data.input_dim).to(device).train()
     params = list(model.parameters())
     opt = CPUOffloadOptimizer(params, torch.optim.AdamW, fused=True, lr=cfg.optim.lr, weight_decay=0.01)
+    build_s = time.perf_counter() - t0
     weights = dict(cfg.optim.task_weights)
     times, loss = [], float("nan")
     try:
@@ -194,7 +204,8 @@ def row_cpu_offload(args) -> dict:
     except torch.OutOfMemoryError as exc:
         return {
             "row": "cpu_offload",
-            "error": f"out of memory under the cap: {str(exc).splitlines()[0]}",
+            "error": f"out of memory under the cap after {len(times)} steps: {str(exc).splitlines()[0]}",
+            "build_s": build_s,
             **_memory(device, budget),
         }
     numel = sum(p.numel() for p in params)
@@ -206,6 +217,7 @@ def row_cpu_offload(args) -> dict:
         "first_step_s": times[0],
         "moved_gib_per_step": 8 * numel / GiB,  # gradients out, weights in, fp32
         "loss": loss,
+        "build_s": build_s,
         **_memory(device, budget),
     }
 
@@ -226,14 +238,21 @@ def _fmt(r: dict, key: str, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| row | plan | peak reserved + context (GiB) | peak allocated (GiB) | step (s) | moved/step (GiB) | loss | retries |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| row | plan | peak reserved + context (GiB) | peak allocated (GiB) | set-up (s) | first step (s) "
+        "| step (s) | moved/step (GiB) | loss | retries |"
+    )
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['error']} | {_fmt(r, 'peak_reserved_gib', '.2f')} | | | | | |")
+            lines.append(
+                f"| {r['row']} | {r['error']} | {_fmt(r, 'peak_reserved_gib', '.2f')} "
+                f"| {_fmt(r, 'peak_allocated_gib', '.2f')} | {_fmt(r, 'build_s', '.1f')} | | | | | |"
+            )
             continue
         lines.append(
             f"| {r['row']} | {r['plan']} | {_fmt(r, 'peak_reserved_gib', '.2f')} | {_fmt(r, 'peak_allocated_gib', '.2f')} "
+            f"| {_fmt(r, 'build_s', '.1f')} | {r['first_step_s']:.2f} "
             f"| {r['step_s']:.3f} | {r['moved_gib_per_step']:.2f} | {r['loss']:.5f} | {_fmt(r, 'alloc_retries', 'd')} |"
         )
     return "\n".join(lines)
@@ -278,8 +297,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per row")
     ap.add_argument("--json", type=Path, help="write the rows here too")
     ap.add_argument("--profile", type=Path, help="profile the last step of each row; tables to PATH.<row>.txt")
+    ap.add_argument("--quick", action="store_true", help="3 steps and 80 s per row: the three rows in ~3 min")
     ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one row, in this process
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.timeout = 3, min(args.timeout, 80)
     if args.row:
         print(json.dumps(run_row(args)))
         return
