@@ -254,8 +254,8 @@ def grad_stats(state: TrainingState, params: Sequence[nn.Parameter]) -> dict[str
 def train_step(state: TrainingState, window: Window) -> StepResult:
     """One optimizer step over ``window``, resident or streamed as the placement says.
 
-    The window's micro-batches go through the model ``plan.pass_batches`` at a time
-    (``Pass``); each unit runs one forward and one backward per pass.
+    Each unit takes the window's micro-batches ``plan.pass_batches(unit)`` at a time
+    (``Pass``): one forward and one backward per pass.
     """
     for b in window.batches:
         check_inputs(b.tokens, b.mask, b.pooled)  # on the CPU: no device sync
@@ -286,7 +286,7 @@ def train_step(state: TrainingState, window: Window) -> StepResult:
         for p in passes_of[k]:
             outputs = _forward(state, unit, p, window.first_batch + p.first, window.epoch)
             losses = pass_losses(state.tasks, outputs, p)
-            objective = sum(weights[m] * losses[m].sum() for m in PREDICTING if m in losses) / n
+            objective = weighted_loss({m: v.sum() for m, v in losses.items()}, weights) / n
             state.scaler.scale(objective).backward()
             for m, v in losses.items():
                 parts.setdefault(m, []).append(v.detach())
