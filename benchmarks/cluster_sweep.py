@@ -58,8 +58,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value for both sweeps (e.g. data.cache_dir=...)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # as run.py: a cluster and its drivers must agree
-    from tune.config import cache_dir, load_config
-    from tune.data import prepare_data
+    from redheart_tune.config import cache_dir, load_config
+    from redheart_tune.data import prepare_data
 
     cfg = load_config(args.config, args.overrides)
     prepare_data(cfg.data, cache_dir(cfg), show_progress=True)  # encoded once, before either timing

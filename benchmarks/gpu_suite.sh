@@ -47,16 +47,16 @@ EOF
 if has prepare; then
   $PY - "${ALL730M[@]}" <<'EOF'
 import sys
-from tune.config import cache_dir, load_config
-from tune.data import prepare_data, prepare_holdout
+from redheart_tune.config import cache_dir, load_config
+from redheart_tune.data import prepare_data, prepare_holdout
 cfg = load_config(sys.argv[1], sys.argv[2:])
 print(prepare_data(cfg.data, cache_dir(cfg), show_progress=True).summary())
 prepare_holdout(cfg.data, cache_dir(cfg), show_progress=True)  # the held-out set the report scores
 EOF
   $PY - "${MID[@]}" <<'EOF'
 import sys
-from tune.config import cache_dir, load_config
-from tune.data import prepare_data, prepare_holdout
+from redheart_tune.config import cache_dir, load_config
+from redheart_tune.data import prepare_data, prepare_holdout
 cfg = load_config(sys.argv[1], sys.argv[2:])
 print(prepare_data(cfg.data, cache_dir(cfg), show_progress=True).summary())
 prepare_holdout(cfg.data, cache_dir(cfg), show_progress=True)  # the held-out set the report scores

@@ -7,7 +7,7 @@
 Rows, each in a process of its own, so a memory cap or the allocator's cache never carries over:
 
     resident      everything on the GPU, no cap: the reference (it needs 11+ GiB)
-    stream        memory.strategy=stream under the budget (tune/memory: units outer, micro-batches inner)
+    stream        memory.strategy=stream under the budget (redheart_tune/engine/memory: units outer, micro-batches inner)
     cpu_offload   torchao's CPUOffloadOptimizer (AdamW on the CPU, weights and gradients on the GPU)
                   under the budget; it cannot clip gradients, so that row runs unclipped
 
@@ -38,7 +38,7 @@ GiB = 2**30
 
 
 def _config(args, strategy: str, budget_gb: float):
-    from tune.config import load_config
+    from redheart_tune.config import load_config
 
     return load_config(
         REPO / "configs" / "redheart-730m.yaml",
@@ -56,7 +56,7 @@ def _config(args, strategy: str, budget_gb: float):
 
 
 def _windows(data, args, generator):
-    from tune.data import iterate_batches
+    from redheart_tune.data import iterate_batches
 
     batches = iterate_batches(data, "train", args.batch, shuffle=True, generator=generator)
     for _ in range(len(data.splits["train"]) // (args.batch * args.accum)):
@@ -89,8 +89,8 @@ def _memory(device: torch.device, budget, peaks: dict | None = None) -> dict:
 def row_placement(args, strategy: str) -> dict:
     """resident or stream: the project's own training step (tune.memory.train_step)."""
     from benchmarks.synthetic import synthetic_data
-    from tune.loop import build_training
-    from tune.memory import Window, total_of, train_step, trial_budget
+    from redheart_tune.engine.loop import build_training
+    from redheart_tune.engine.memory import Window, total_of, train_step, trial_budget
 
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     if device.type == "cuda":
@@ -162,10 +162,10 @@ def row_cpu_offload(args) -> dict:
     except ImportError as exc:
         return {"row": "cpu_offload", "error": f"torchao not installed ({exc}); pip install torchao"}
     from benchmarks.synthetic import synthetic_data
-    from model.family import build_model
-    from model.losses import module_losses, total_loss
-    from tune.loop import seed_everything
-    from tune.memory import trial_budget
+    from redheart_tune.engine.loop import seed_everything
+    from redheart_tune.engine.memory import trial_budget
+    from redheart_tune.model.family import build_model
+    from redheart_tune.model.losses import module_losses, total_loss
 
     device = torch.device("cuda", 0)
     cfg = _config(args, "stream", args.budget_gb)
@@ -223,7 +223,7 @@ def row_cpu_offload(args) -> dict:
 
 
 def run_row(args) -> dict:
-    from tune.memory import configure_allocator
+    from redheart_tune.engine.memory import configure_allocator
 
     configure_allocator()  # before the first CUDA allocation of this process
     torch.manual_seed(0)

@@ -16,9 +16,9 @@ import time
 import torch
 
 from benchmarks.synthetic import TASKS
-from model.family import build_model, param_counts
-from model.losses import module_losses, total_loss
-from model.presets import ModelConfig
+from redheart_tune.model.family import build_model, param_counts
+from redheart_tune.model.losses import module_losses, total_loss
+from redheart_tune.model.presets import ModelConfig
 
 TASK_WEIGHTS = dict.fromkeys(TASKS, 1.0)
 

@@ -157,11 +157,11 @@ def count_step(
 ) -> StepCounts:
     """Counts of the second optimizer step of a fresh model on synthetic data (the first warms up)."""
     from benchmarks.synthetic import synthetic_data
-    from model.family import RedHeart
-    from tune.config import load_config
-    from tune.loop import build_training
-    from tune.memory import Window, train_step
-    from tune.memory import step as step_module
+    from redheart_tune.config import load_config
+    from redheart_tune.engine.loop import build_training
+    from redheart_tune.engine.memory import Window, train_step
+    from redheart_tune.engine.memory import step as step_module
+    from redheart_tune.model.family import RedHeart
 
     cfg = load_config(
         CONFIGS / "default.yaml",
@@ -178,7 +178,7 @@ def count_step(
     )
     data = synthetic_data(batch * accum * 2, tokens, seed=0)
     state = build_training(cfg, data, 1e-4, 1, torch.device("cpu"))
-    from tune.data import iterate_batches
+    from redheart_tune.data import iterate_batches
 
     batches = iterate_batches(data, "train", batch, shuffle=True, generator=state.generator)
     windows = [[next(batches) for _ in range(accum)] for _ in range(2)]

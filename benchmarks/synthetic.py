@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tune.data import EncodedData, task_specs
+from redheart_tune.data import EncodedData, task_specs
 
 TASKS = task_specs("redheart")
 """The user's data format's tasks: 7-way emotion distribution, 4 Bentham scores, regret, 4 SURD metrics."""

@@ -35,13 +35,13 @@ def main() -> None:
 
     import torch
 
-    from tune.checkpoints import write_checkpoint
-    from tune.config import cache_dir, load_config
-    from tune.data import prepare_data
-    from tune.loop import build_training, train_epoch, validate_state, weight_stats
-    from tune.resources import start_ray, torch_threads
-    from tune.train import run_train
-    from tune.trainable import is_checkpoint_epoch, resume_state
+    from redheart_tune.config import cache_dir, load_config
+    from redheart_tune.data import prepare_data
+    from redheart_tune.engine.checkpoints import write_checkpoint
+    from redheart_tune.engine.loop import build_training, train_epoch, validate_state, weight_stats
+    from redheart_tune.tune.resources import start_ray, torch_threads
+    from redheart_tune.tune.train import run_train
+    from redheart_tune.tune.trainable import is_checkpoint_epoch, resume_state
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [

@@ -25,7 +25,7 @@ def data_cache(tmp_path_factory) -> Path:
 @pytest.fixture()
 def smoke_cfg(tmp_path, data_cache):
     """configs/smoke.yaml writing under a fresh tmp dir, reading the shared cache."""
-    from tune.config import load_config
+    from redheart_tune.config import load_config
 
     def make(*overrides: str):
         return load_config(

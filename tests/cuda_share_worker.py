@@ -23,11 +23,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.synthetic import synthetic_data  # noqa: E402
-from tune.config import load_config  # noqa: E402
-from tune.data import iterate_batches  # noqa: E402
-from tune.loop import build_training  # noqa: E402
-from tune.memory import GiB, Window, configure_allocator, train_step, trial_budget  # noqa: E402
-from tune.memory.budget import process_memory  # noqa: E402
+from redheart_tune.config import load_config  # noqa: E402
+from redheart_tune.data import iterate_batches  # noqa: E402
+from redheart_tune.engine.loop import build_training  # noqa: E402
+from redheart_tune.engine.memory import GiB, Window, configure_allocator, train_step, trial_budget  # noqa: E402
+from redheart_tune.engine.memory.budget import process_memory  # noqa: E402
 
 DEVICE = torch.device("cuda", 0)
 MiB = 2**20

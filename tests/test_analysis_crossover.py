@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_analysis_support import default_targets, epoch_state, fake_meta, write_fake_run
 
-from analysis.crossover import (
+from redheart_tune.analysis.crossover import (
     CrossoverError,
     build_crossover,
     build_group_soup,
@@ -18,10 +18,10 @@ from analysis.crossover import (
     variant_spots,
     window_members,
 )
-from analysis.experiment import IncompleteCheckpointWarning, verify_checkpoints
-from model.groups import GROUPS, param_prefix_owner, selection_units
-from tune.checkpoints import CheckpointError, load_group
-from tune.config import Config, config_to_dict
+from redheart_tune.analysis.experiment import IncompleteCheckpointWarning, verify_checkpoints
+from redheart_tune.config import Config, config_to_dict
+from redheart_tune.engine.checkpoints import CheckpointError, load_group
+from redheart_tune.model.groups import GROUPS, param_prefix_owner, selection_units
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,11 @@ from test_analysis_support import (
     tiny_model,
 )
 
-import analysis.evaluate as evaluate_module
-import analysis.pipeline as pipeline_module
-from analysis import analyze, crossover, evaluate_all, load_training_run, select_methods, val_only
-from analysis.crossover import build_crossover, build_group_soup, window_members
-from analysis.evaluate import (
+import redheart_tune.analysis.evaluate as evaluate_module
+import redheart_tune.pipeline.analysis as pipeline_module
+from redheart_tune.analysis import load_training_run, select_methods, val_only
+from redheart_tune.analysis.crossover import build_crossover, build_group_soup, window_members
+from redheart_tune.analysis.evaluate import (
     METHODS,
     EvalSettings,
     EvaluationError,
@@ -43,12 +43,13 @@ from analysis.evaluate import (
     predict_modules,
     unit_val_loss,
 )
-from analysis.experiment import IncompleteCheckpointWarning
-from analysis.sweet_spots import unit_scores
-from model.groups import selection_units
-from tune.config import Config, config_to_dict, load_config
-from tune.files import write_json_atomic
-from tune.layout import CONFIG_FILE
+from redheart_tune.analysis.experiment import IncompleteCheckpointWarning
+from redheart_tune.analysis.sweet_spots import unit_scores
+from redheart_tune.config import Config, config_to_dict, load_config
+from redheart_tune.layout import CONFIG_FILE
+from redheart_tune.model.groups import selection_units
+from redheart_tune.pipeline import analyze, crossover, evaluate_all
+from redheart_tune.util.files import write_json_atomic
 
 # Epochs as reported: the run "resumed" after epoch 4 from its epoch-2 checkpoint, so 3 and 4 come twice.
 SCHEDULE = (1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
@@ -59,7 +60,7 @@ def _trainable(params: dict) -> None:
     """Reports the schedule's epochs; even epochs carry a real tiny-model checkpoint."""
     from ray.tune import Checkpoint, report
 
-    from tune.checkpoints import write_checkpoint
+    from redheart_tune.engine.checkpoints import write_checkpoint
 
     base = tiny_model().state_dict()
     targets = default_targets()
@@ -235,7 +236,7 @@ def test_evaluate_all_writes_results_for_every_method(experiment, tmp_path):
 
 def plan_modules() -> set[str]:
     """Every module that predicts a task: the ones a fusion weighs."""
-    from model.groups import MODULE_TASK
+    from redheart_tune.model.groups import MODULE_TASK
 
     return {m for m, t in MODULE_TASK.items() if t is not None}
 
@@ -271,7 +272,7 @@ def chosen(experiment):
 
 
 def test_group_greedy_soup_keeps_what_lowers_each_units_recomputed_loss(chosen):
-    from tune.loop import validate
+    from redheart_tune.engine.loop import validate
 
     run, s, view, spots = chosen
     members, record = group_greedy_members(run, spots, view, s)
@@ -337,7 +338,7 @@ def test_learned_fusion_is_deterministic_and_no_worse_than_the_mean_on_validatio
 
 
 def test_a_fusion_fit_that_ends_non_finite_keeps_its_start():
-    from tune.data import task_specs
+    from redheart_tune.data import task_specs
 
     spec = task_specs("vader")["emotion"]
     gen = torch.Generator().manual_seed(0)
@@ -466,7 +467,7 @@ def _scramble_rows(data, split):
 
 
 def test_fake_metrics_match_what_training_reports():
-    """The helpers' metrics.json carries every key analysis reads from a real one (see tune/trainable.py)."""
+    """The helpers' metrics.json carries every key analysis reads from a real one (see redheart_tune/tune/trainable.py)."""
     m = fake_metrics(2, default_targets())
     assert {"train", "val", "grad_stats", "weight_stats", "activation_stats"} <= set(m)
     assert {"module_loss", "module_metric", "task_metric"} <= set(m["val"])

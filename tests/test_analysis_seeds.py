@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.evaluate import (
+from redheart_tune.analysis.evaluate import (
     EvaluationError,
     aggregate_seeds,
     paired_differences,
@@ -98,7 +98,7 @@ def test_two_splits_are_aggregated_apart():
 
 
 def test_summarize_seeds_writes_tables_intervals_and_figure(tmp_path):
-    from analysis import summarize_seeds
+    from redheart_tune.pipeline import summarize_seeds
 
     r = results()
     rng = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def test_summarize_seeds_writes_tables_intervals_and_figure(tmp_path):
 def test_one_seeds_summary_beside_its_results_repeats_no_file(tmp_path):
     """A one-seed report summarises into its own analysis folder: results_all_seeds.csv and
     intervals_summary.csv would be copies of its results.csv and intervals.csv there."""
-    from analysis import summarize_seeds
+    from redheart_tune.pipeline import summarize_seeds
 
     f = tmp_path / "analysis" / "results.csv"
     f.parent.mkdir()

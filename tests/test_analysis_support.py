@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.family import build_model
-from model.groups import GROUPS, MODULES, selection_units
-from tune.checkpoints import write_checkpoint
-from tune.config import Config, config_to_dict
-from tune.data.dataset import EncodedData, split_fingerprint
-from tune.data.vader import task_specs
+from redheart_tune.config import Config, config_to_dict
+from redheart_tune.data.dataset import EncodedData, split_fingerprint
+from redheart_tune.data.vader import task_specs
+from redheart_tune.engine.checkpoints import write_checkpoint
+from redheart_tune.model.family import build_model
+from redheart_tune.model.groups import GROUPS, MODULES, selection_units
 
 INPUT_DIM = 16
 TASKS = task_specs()
@@ -48,7 +48,7 @@ def default_targets() -> dict[str, int]:
 
 
 def fake_metrics(epoch: int, targets: dict[str, int]) -> dict:
-    """A checkpoint's metrics.json as tune/trainable.py writes it (flat keys plus the nested detail)."""
+    """A checkpoint's metrics.json as redheart_tune/tune/trainable.py writes it (flat keys plus the nested detail)."""
     losses = module_losses_for(epoch, targets)
     train_loss = 1.2 - 0.05 * epoch
     val_loss = float(np.mean(list(losses.values())))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from analysis.sweet_spots import (
+from redheart_tune.analysis.sweet_spots import (
     RULES,
     SweetSpotError,
     best_epoch,
@@ -13,7 +13,7 @@ from analysis.sweet_spots import (
     select_sweet_spots,
     sweet_spot_report,
 )
-from model.groups import GROUPS, SelectionUnit, selection_units
+from redheart_tune.model.groups import GROUPS, SelectionUnit, selection_units
 
 GROUP_C = SelectionUnit("group_c", "group_c", GROUPS["group_c"])
 PHASE0 = SelectionUnit("phase0", "independent", ("phase0",))

@@ -1,4 +1,4 @@
-"""Paired bootstrap intervals and McNemar's exact test (analysis/uncertainty.py) on hand-made per-row values."""
+"""Paired bootstrap intervals and McNemar's exact test (redheart_tune/analysis/uncertainty.py) on hand-made per-row values."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from analysis.uncertainty import interval_table, mcnemar_agreeing, mcnemar_exact, resample_counts
+from redheart_tune.analysis.uncertainty import (
+    interval_table,
+    mcnemar_agreeing,
+    mcnemar_exact,
+    resample_counts,
+)
 
 
 def test_mcnemar_exact_matches_the_binomial_test():

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.groups import GROUPS
-from tune.checkpoints import (
+from redheart_tune.engine.checkpoints import (
     CheckpointError,
     capture_rng,
     drop_resume_state,
@@ -22,6 +21,7 @@ from tune.checkpoints import (
     verify_checkpoint,
     write_checkpoint,
 )
+from redheart_tune.model.groups import GROUPS
 
 
 def fake_state() -> dict[str, torch.Tensor]:
@@ -111,8 +111,8 @@ def test_rng_capture_restores_every_generator(tmp_path):
 def test_every_file_is_hashed_while_written_and_the_hashes_hold(tmp_path, monkeypatch):
     """The manifest's sha256s come from the bytes as they were written (no read-back pass: sha256_file
     is never called while writing), and they are the files' real hashes."""
-    import tune.checkpoints as ck
-    from tune.files import sha256_file
+    import redheart_tune.engine.checkpoints as ck
+    from redheart_tune.util.files import sha256_file
 
     def no_read_back(path):
         raise AssertionError(f"{path} was read back to be hashed")
@@ -130,9 +130,9 @@ def test_every_file_is_hashed_while_written_and_the_hashes_hold(tmp_path, monkey
 def test_write_timing_is_recorded_and_logged(tmp_path, caplog):
     import pyarrow.fs as pafs
 
-    from tune.checkpoints import write_timing
+    from redheart_tune.engine.checkpoints import write_timing
 
-    with caplog.at_level("WARNING", logger="tune.checkpoints"):
+    with caplog.at_level("WARNING", logger="redheart_tune.engine.checkpoints"):
         d = write(tmp_path)
     t = write_timing(d)
     files = json.loads((d / "manifest.json").read_text())["files"]
@@ -154,7 +154,7 @@ def test_safetensors_written_tensor_by_tensor_load_with_safetensors(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from tune.checkpoints import write_hashed, write_safetensors
+    from redheart_tune.engine.checkpoints import write_hashed, write_safetensors
 
     g = torch.Generator().manual_seed(1)
     tensors = {

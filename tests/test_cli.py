@@ -202,9 +202,9 @@ def test_bad_config_is_one_clear_error(tmp_path):
 
 
 def test_analyze_crossover_and_report_before_training_say_to_train_first(tmp_path):
-    from analysis.experiment import ExperimentReadError
-    from analysis.stages import BY_NAME
-    from tune.config import load_config
+    from redheart_tune.analysis.experiment import ExperimentReadError
+    from redheart_tune.config import load_config
+    from redheart_tune.pipeline.stages import BY_NAME
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", [f"run.output_root={tmp_path}"])
     for command in ("analyze", "crossover", "report"):
@@ -292,9 +292,9 @@ def test_all_with_seeds_trains_the_further_seeds_as_one_tune_experiment(tmp_path
 
 
 def test_status_compares_the_training_with_the_lr_train_would_use(tmp_path):
-    from analysis.status import training_config
-    from tune.config import load_config
-    from tune.layout import best_lr_path
+    from redheart_tune.config import load_config
+    from redheart_tune.layout import best_lr_path
+    from redheart_tune.pipeline.status import training_config
 
     cfg = load_config(REPO / "configs" / "default.yaml", [f"run.output_root={tmp_path}"])
     assert training_config(cfg, "").optim.lr == cfg.optim.lr  # no sweep yet: the config's LR

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tune.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from redheart_tune.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

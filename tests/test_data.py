@@ -1,4 +1,4 @@
-"""Tests of tune/data: Red Heart validation, VADER parsing and fetch, splits, encoder cache, batches."""
+"""Tests of redheart_tune/data: Red Heart validation, VADER parsing and fetch, splits, encoder cache, batches."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tune.config import DataConfig
-from tune.data import (
+from redheart_tune.config import DataConfig
+from redheart_tune.data import (
     Batch,
     DataError,
     EncodedData,
@@ -31,7 +31,7 @@ from tune.data import (
     task_specs,
     vader,
 )
-from tune.data.dataset import holdout_rows, normalise_text, sample_and_split, split_fingerprint
+from redheart_tune.data.dataset import holdout_rows, normalise_text, sample_and_split, split_fingerprint
 
 SAMPLE = Path(__file__).parent / "data" / "redheart_sample.json"
 
@@ -152,7 +152,7 @@ def test_skip_mode_counts_and_reports(tmp_path, caplog):
     records[0]["emotions"] = {"joy": 1.0}
     del records[2]["surd_metrics"]
     path = _write(tmp_path, records)
-    with caplog.at_level(logging.WARNING, logger="tune.data.redheart"):
+    with caplog.at_level(logging.WARNING, logger="redheart_tune.data.redheart"):
         data, report = redheart.load_redheart(path, "skip")
     assert data.ids == (records[1]["id"],)
     assert (report.total, report.kept, report.skipped) == (3, 1, 2)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from redheart_tune.engine.checkpoints import load_model_state, verify_checkpoint
 from tests.test_train import _finish, _kill_group, _run, _wait_for_checkpoint, checkpoints_of
-from tune.checkpoints import load_model_state, verify_checkpoint
 
 pytestmark = pytest.mark.slow  # real training runs, about a minute each
 
@@ -99,7 +99,7 @@ def test_a_torn_tune_state_and_a_truncated_checkpoint_resume_from_the_newest_tha
     """The driver dies after epoch 4's checkpoint; then Tune's experiment state is torn, its searcher state
     emptied and epoch 4's weights truncated.  `resume` says so, moves the checkpoint aside, continues
     from epoch 2's with a fresh Tuner, and ends with the weights and history of an uninterrupted run."""
-    from analysis import load_training_run
+    from redheart_tune.analysis import load_training_run
 
     proc = _run(["train"], tmp_path, data_cache)
     exp = tmp_path / "smoke" / "train"

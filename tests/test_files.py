@@ -1,4 +1,4 @@
-"""tune/files.py: the one atomic writer and the one sha256 helper the code base uses."""
+"""redheart_tune/util/files.py: the one atomic writer and the one sha256 helper the code base uses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tune.files import sha256_file, write_atomic, write_json_atomic
+from redheart_tune.util.files import sha256_file, write_atomic, write_json_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

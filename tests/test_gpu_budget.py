@@ -16,9 +16,9 @@ import types
 import pytest
 import torch
 
-from tune.config import MemoryConfig
-from tune.memory import budget as bm
-from tune.memory.plan import GiB
+from redheart_tune.config import MemoryConfig
+from redheart_tune.engine.memory import budget as bm
+from redheart_tune.engine.memory.plan import GiB
 
 MiB = 2**20
 CARD = 140 * GiB
@@ -126,9 +126,9 @@ def test_the_share_sets_the_budget_when_smaller(monkeypatch):
 
 
 def test_trial_budget_on_cuda_goes_through_the_per_process_measure(monkeypatch):
+    from redheart_tune.config import load_config
+    from redheart_tune.engine.memory import trial_budget
     from tests.conftest import REPO
-    from tune.config import load_config
-    from tune.memory import trial_budget
 
     card = FakeCard(context=900 * MiB).install(monkeypatch)
     card.others[OTHER] = 5 * GiB

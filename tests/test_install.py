@@ -58,7 +58,7 @@ def test_the_wheel_ships_every_module_and_config(wheel):
     names = set(wheel.namelist())
     missing = (source_files("*.py", *PACKAGES) | source_files("*.yaml", "configs") | {"run.py"}) - names
     assert not missing, f"left out of the wheel: {sorted(missing)}"
-    assert "tune/memory/__init__.py" in names  # the package a hand-written list once forgot
+    assert "redheart_tune/engine/memory/__init__.py" in names  # the package a hand-written list once forgot
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "docs/"))]
 
 
@@ -77,7 +77,7 @@ OPTIONAL = {"pynvml": ["nvidia-ml-py"]}
 
 
 def test_every_third_party_import_is_a_declared_dependency():
-    """scipy was imported (analysis/uncertainty.py) but not declared: an install without it failed."""
+    """scipy was imported (redheart_tune/analysis/uncertainty.py) but not declared: an install without it failed."""
     import ast
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]

@@ -7,12 +7,10 @@ import math
 import pytest
 import torch
 
-from model.groups import GROUPS, NEVER_SWAPPED, selection_units
-from tests.conftest import REPO
-from tune.config import cache_dir, load_config
-from tune.data import iterate_batches, prepare_data, task_specs
-from tune.loop import build_training, choose_precision, train_epoch, validate_state
-from tune.memory import (
+from redheart_tune.config import cache_dir, load_config
+from redheart_tune.data import iterate_batches, prepare_data, task_specs
+from redheart_tune.engine.loop import build_training, choose_precision, train_epoch, validate_state
+from redheart_tune.engine.memory import (
     GiB,
     PlanError,
     SwapManager,
@@ -23,9 +21,11 @@ from tune.memory import (
     planning_budget,
     train_step,
 )
-from tune.memory.dsm import Candidate, swap_out_count
-from tune.memory.plan import moment_window_bytes, shard_partition
-from tune.resources import trial_device
+from redheart_tune.engine.memory.dsm import Candidate, swap_out_count
+from redheart_tune.engine.memory.plan import moment_window_bytes, shard_partition
+from redheart_tune.model.groups import GROUPS, NEVER_SWAPPED, selection_units
+from redheart_tune.tune.resources import trial_device
+from tests.conftest import REPO
 
 
 def smoke(data_cache, *overrides: str):
@@ -235,8 +235,8 @@ def test_swap_manager_acts_records_and_changes_nothing_numerically(data_cache, d
 
 
 def test_resume_under_stream_restores_the_swap_state_exactly(data_cache, data, tmp_path):
-    from tune.checkpoints import write_checkpoint
-    from tune.trainable import restore, resume_state
+    from redheart_tune.engine.checkpoints import write_checkpoint
+    from redheart_tune.tune.trainable import restore, resume_state
 
     cfg = smoke(data_cache, "memory.strategy=stream", "memory.gpu_budget_gb=0.05", "optim.batch_size=32")
     small = int(0.025 * GiB)
@@ -276,7 +276,7 @@ def test_resume_under_stream_restores_the_swap_state_exactly(data_cache, data, t
 
 
 def test_validation_is_the_same_streamed_and_records_every_module(data_cache, data):
-    from model.groups import MODULES
+    from redheart_tune.model.groups import MODULES
 
     a = build_training(smoke(data_cache, "memory.strategy=resident"), data, 1e-3, 1, torch.device("cpu"))
     b = build_training(

@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from benchmarks.synthetic import synthetic_data
+from redheart_tune.config import load_config
+from redheart_tune.data import iterate_batches
+from redheart_tune.engine.loop import build_training, train_epoch, validate_state
+from redheart_tune.engine.memory import GiB, Window, configure_allocator, train_step, trial_budget
 from tests.conftest import REPO
-from tune.config import load_config
-from tune.data import iterate_batches
-from tune.loop import build_training, train_epoch, validate_state
-from tune.memory import GiB, Window, configure_allocator, train_step, trial_budget
 
 pytestmark = [
     pytest.mark.cuda,
@@ -131,7 +131,7 @@ def test_the_budget_is_enforced_and_held():
 
 def test_validation_and_evaluation_stream_on_the_gpu():
     pytest.importorskip("ray", reason="the analysis package reads Tune experiments")
-    from analysis.evaluate import EvalSettings, predict
+    from redheart_tune.analysis.evaluate import EvalSettings, predict
 
     data = synthetic_data(64, 32, val_rows=48)
     c = cfg("model.preset=mid", "memory.strategy=stream", f"memory.gpu_budget_gb={context_plus(512)}")
@@ -156,7 +156,7 @@ def _sample_nvml(pids: list[int], peaks: dict[int, int], stop: threading.Event) 
     """Each of ``pids``' peak used memory on the card, by NVML every 50 ms (the outside measure)."""
     import pynvml
 
-    from tune.memory.budget import _nvml_index
+    from redheart_tune.engine.memory.budget import _nvml_index
 
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(DEVICE))

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from model.family import (
+from redheart_tune.model.family import (
     RedHeart,
     build_model,
     fuse,
@@ -16,11 +16,11 @@ from model.family import (
     load_group_state_dict,
     param_counts,
 )
-from model.groups import GROUPS, LINKS, MODULE_TASK, MODULES, param_prefix_owner
-from model.losses import metric_sums, module_losses, row_losses, task_loss, total_loss
-from model.presets import TARGETS_730M, TOTAL_730M, ModelConfig
-from model.report import format_params_report, params_report
-from model.tasks import TaskSpec
+from redheart_tune.model.groups import GROUPS, LINKS, MODULE_TASK, MODULES, param_prefix_owner
+from redheart_tune.model.losses import metric_sums, module_losses, row_losses, task_loss, total_loss
+from redheart_tune.model.presets import TARGETS_730M, TOTAL_730M, ModelConfig
+from redheart_tune.model.report import format_params_report, params_report
+from redheart_tune.model.tasks import TaskSpec
 
 VADER_TASKS = {
     "emotion": TaskSpec("emotion", "soft_classification", ("negative", "neutral", "positive")),

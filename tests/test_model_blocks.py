@@ -7,14 +7,14 @@ import torch
 import torch.nn as nn
 from test_model import REDHEART_TASKS, E, make_batch, tiny
 
-from model.analyzers import AdvancedAnalyzer, NeuralAnalyzer
-from model.blocks import BiRNN, reverse_within_length
-from model.dsp import DynamicKalmanFilter
-from model.family import build_model
-from model.heads import TaskHead
-from model.losses import module_losses, total_loss
-from model.phases import Phase2CommunityNetwork
-from model.presets import AdvancedSize, HeadSize, ModelConfig, NeuralSize
+from redheart_tune.model.analyzers import AdvancedAnalyzer, NeuralAnalyzer
+from redheart_tune.model.blocks import BiRNN, reverse_within_length
+from redheart_tune.model.dsp import DynamicKalmanFilter
+from redheart_tune.model.family import build_model
+from redheart_tune.model.heads import TaskHead
+from redheart_tune.model.losses import module_losses, total_loss
+from redheart_tune.model.phases import Phase2CommunityNetwork
+from redheart_tune.model.presets import AdvancedSize, HeadSize, ModelConfig, NeuralSize
 
 
 def lengths_mask(lengths: list[int], T: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Watching a run: progress inside an epoch (tune/progress.py) on the console, in `status` and in TensorBoard;
+"""Watching a run: progress inside an epoch (redheart_tune/engine/progress.py) on the console, in `status` and in TensorBoard;
 the dead-driver warning; `status --watch`; `--dashboard` and its sign-in."""
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from analysis.status import (
+from redheart_tune.engine.loop import StepInfo
+from redheart_tune.engine.progress import (
+    PROGRESS_FILE,
+    STEPS_DIR,
+    Progress,
+    estimate,
+    format_seconds,
+    step_memory,
+)
+from redheart_tune.pipeline.status import (
     STALL_EPOCHS,
     STALL_MIN_S,
     STALL_START_S,
@@ -27,10 +36,8 @@ from analysis.status import (
     run_status,
     stalled,
 )
+from redheart_tune.tune.dashboard import dashboard_lines
 from tests.conftest import REPO
-from tune.dashboard import dashboard_lines
-from tune.loop import StepInfo
-from tune.progress import PROGRESS_FILE, STEPS_DIR, Progress, estimate, format_seconds, step_memory
 
 BUDGET_GB = 0.024  # as in test_memory_tune: most units stream, so every step moves bytes and has a peak
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from benchmarks.step_counters import count_step
+from redheart_tune.config import ConfigError, cache_dir, load_config
+from redheart_tune.data import iterate_batches, prepare_data
+from redheart_tune.engine.loop import build_training
+from redheart_tune.engine.memory import Window, format_plan, train_step
 from tests.conftest import REPO
-from tune.config import ConfigError, cache_dir, load_config
-from tune.data import iterate_batches, prepare_data
-from tune.loop import build_training
-from tune.memory import Window, format_plan, train_step
 
 
 def smoke(data_cache, *overrides: str):

@@ -1,4 +1,4 @@
-"""tune/storage.py's mirror of a remote root, with a second local directory standing in for the bucket."""
+"""redheart_tune/tune/storage.py's mirror of a remote root, with a second local directory standing in for the bucket."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pyarrow.fs as pafs
 
-from tune.storage import Storage
+from redheart_tune.tune.storage import Storage
 
 
 def test_pull_fetches_a_record_rewritten_at_the_same_size_and_skips_what_it_has(tmp_path):

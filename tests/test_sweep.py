@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tune.layout import best_lr_path, experiment_dir, sweep_outputs_dir
-from tune.runner import ExperimentError
-from tune.sweep import Candidate, run_sweep, select_lr
-from tune.trainable import selection_score
+from redheart_tune.layout import best_lr_path, experiment_dir, sweep_outputs_dir
+from redheart_tune.tune.runner import ExperimentError
+from redheart_tune.tune.sweep import Candidate, run_sweep, select_lr
+from redheart_tune.tune.trainable import selection_score
 
 
 def test_selection_rule_is_the_specs():
@@ -36,8 +36,8 @@ def test_select_lr_ignores_diverged_and_breaks_ties_by_lower_lr():
 def test_sweep_runs_five_trials_through_tune(smoke_cfg, ray_session):
     from ray.tune import ExperimentAnalysis
 
-    from tune.config import cache_dir
-    from tune.data import prepare_data
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data
 
     lrs = [1e-5, 5e-5, 1e-4, 2e-4, 5e-4]
     cfg = smoke_cfg(f"sweep.lrs={lrs}", "sweep.epochs=3")
@@ -102,8 +102,8 @@ def test_optuna_search_with_asha(smoke_cfg, ray_session):
     """sweep.search: optuna samples LRs log-uniformly between the ends of sweep.lrs, trials one at a time."""
     from ray.tune import ExperimentAnalysis
 
-    from tune.config import cache_dir
-    from tune.data import prepare_data
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data
 
     # LRs close together (optuna's 1.2e-4 and 1.4e-4 once shared the file lr_1e-04): each trial has its own.
     cfg = smoke_cfg(
@@ -129,8 +129,8 @@ def test_optuna_search_with_asha(smoke_cfg, ray_session):
 
 
 def test_a_diverging_lr_is_recorded_not_fatal(smoke_cfg, ray_session):
-    from tune.config import cache_dir
-    from tune.data import prepare_data
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data
 
     cfg = smoke_cfg("sweep.lrs=[1e-3, 1e6]", "optim.grad_clip=0", "optim.warmup_ratio=0")
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)

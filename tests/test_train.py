@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.groups import GROUPS, MODULES
-from tune.checkpoints import load_model_state, verify_checkpoint
-from tune.runner import ExperimentError
-from tune.train import with_lr
+from redheart_tune.engine.checkpoints import load_model_state, verify_checkpoint
+from redheart_tune.model.groups import GROUPS, MODULES
+from redheart_tune.tune.runner import ExperimentError
+from redheart_tune.tune.train import with_lr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,10 @@ def checkpoints_of(experiment: Path) -> dict[int, Path]:
 
 
 def test_six_epochs_through_tune_leave_checkpoints_2_4_6(smoke_cfg, ray_session):
-    from tune.config import cache_dir
-    from tune.data import prepare_data
-    from tune.layout import experiment_dir
-    from tune.train import run_train
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data
+    from redheart_tune.layout import experiment_dir
+    from redheart_tune.tune.train import run_train
 
     cfg = smoke_cfg()
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
@@ -162,7 +162,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
-    from analysis import load_training_run
+    from redheart_tune.analysis import load_training_run
 
     df = load_training_run(exp).epochs
     assert list(df["epoch"]) == [1, 2, 3, 4, 5, 6]  # no duplicated epochs after the resume
@@ -233,10 +233,10 @@ def _kill_group(pgid: int) -> None:
 
 @pytest.mark.parametrize("bad_lr", [1e6])
 def test_nan_loss_stops_with_a_named_error_and_keeps_checkpoints(smoke_cfg, ray_session, bad_lr):
-    from tune.config import cache_dir
-    from tune.data import prepare_data
-    from tune.layout import experiment_dir
-    from tune.train import run_train
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data
+    from redheart_tune.layout import experiment_dir
+    from redheart_tune.tune.train import run_train
 
     cfg = smoke_cfg(f"optim.lr={bad_lr}", "optim.grad_clip=0", "optim.warmup_ratio=0", "train.epochs=6")
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
@@ -253,11 +253,11 @@ def test_nan_loss_stops_with_a_named_error_and_keeps_checkpoints(smoke_cfg, ray_
 def test_resume_takes_a_lower_lr_after_a_nan_and_records_it(smoke_cfg, ray_session):
     """The NaN advice can be followed: resume with optim.lr=<lower> finishes the run from its newest
     checkpoint at the new LR, and the experiment's history says so; a change that alters the run is refused."""
-    from analysis.stages import resume_stage
-    from tune.config import cache_dir
-    from tune.data import prepare_data
-    from tune.layout import CONFIG_FILE, experiment_dir
-    from tune.train import run_train
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data
+    from redheart_tune.layout import CONFIG_FILE, experiment_dir
+    from redheart_tune.pipeline.stages import resume_stage
+    from redheart_tune.tune.train import run_train
 
     cfg = smoke_cfg("optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_ratio=0", "train.epochs=4")
     prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
@@ -280,9 +280,9 @@ def test_resume_takes_a_lower_lr_after_a_nan_and_records_it(smoke_cfg, ray_sessi
 
 def _fake_sweep(cfg, best_lr: float) -> Path:
     """A finished sweep's records as run_sweep leaves them: the stored config and best_lr.json."""
-    from tune.config import config_to_dict
-    from tune.files import write_json_atomic
-    from tune.layout import CONFIG_FILE, best_lr_path, experiment_dir
+    from redheart_tune.config import config_to_dict
+    from redheart_tune.layout import CONFIG_FILE, best_lr_path, experiment_dir
+    from redheart_tune.util.files import write_json_atomic
 
     write_json_atomic(
         experiment_dir(cfg, "sweep") / CONFIG_FILE, {"stage": "sweep", "config": config_to_dict(cfg)}
@@ -294,7 +294,7 @@ def _fake_sweep(cfg, best_lr: float) -> Path:
 
 
 def test_train_takes_only_its_own_runs_sweep_result(smoke_cfg):
-    from tune.train import choose_lr
+    from redheart_tune.tune.train import choose_lr
 
     other = _fake_sweep(smoke_cfg("run.name=tiny-sweep", "model.dropout=0.3"), 7e-4)
     cfg = smoke_cfg()
@@ -319,7 +319,7 @@ def test_train_takes_only_its_own_runs_sweep_result(smoke_cfg):
 
 
 def test_a_sweep_of_another_model_gives_its_run_no_lr(smoke_cfg):
-    from tune.train import choose_lr
+    from redheart_tune.tune.train import choose_lr
 
     _fake_sweep(smoke_cfg("model.dropout=0.3", "sweep.epochs=4"), 7e-4)
     # The sweep's own settings (epochs) do not matter; its model does.
@@ -329,7 +329,7 @@ def test_a_sweep_of_another_model_gives_its_run_no_lr(smoke_cfg):
 
 
 def test_torch_threads_leave_a_core_to_ray_when_a_trial_holds_them_all():
-    from tune.resources import torch_threads
+    from redheart_tune.tune.resources import torch_threads
 
     assert torch_threads(2, cores=2) == 1  # the shipped default on a 2-core machine: 1.16x slower with 2
     assert torch_threads(4, cores=16) == 4
@@ -338,11 +338,11 @@ def test_torch_threads_leave_a_core_to_ray_when_a_trial_holds_them_all():
 
 
 def test_a_trial_sets_torch_threads_from_the_cpus_ray_gives_it(smoke_cfg, ray_session):
-    from tune.config import cache_dir
-    from tune.data import prepare_data
-    from tune.layout import experiment_dir
-    from tune.resources import torch_threads
-    from tune.train import run_train
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data
+    from redheart_tune.layout import experiment_dir
+    from redheart_tune.tune.resources import torch_threads
+    from redheart_tune.tune.train import run_train
 
     # The shipped default leaves torch_threads unset and asks for 2 CPUs; the session's Ray has 2.
     cfg = smoke_cfg("resources.torch_threads=null", "resources.cpus_per_trial=2", "train.epochs=2")

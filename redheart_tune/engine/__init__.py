@@ -1,0 +1,1 @@
+"""Plain-PyTorch training: the epoch loop, checkpoints, progress, and streaming within a memory budget."""

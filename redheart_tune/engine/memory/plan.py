@@ -1,0 +1,517 @@
+"""The memory plan: which units stay on the GPU, which stream through it, and every turn's peak.
+
+A *unit* is what the sweet-spot analysis selects and what moves between GPU and
+CPU as one piece: a linked group (A, B, C) or one independent module
+(``model.groups.selection_units``).  A unit's gradient depends only on its own
+parameters and the cached encoder output, so an optimizer step can run
+**units outer, micro-batches inner**: each unit has a *turn* in which it runs
+forward and backward over all ``grad_accum`` micro-batches and then steps its
+own AdamW.  A streamed unit is on the GPU for its turn only.
+
+Bytes per parameter (fp32 master weights, as autocast keeps them):
+
+    weights 4, gradients 4 (only during the unit's turn), AdamW moments 8,
+    and under bf16/fp16 autocast a 2-byte cast of each weight during forward/backward.
+
+Peak of a turn (allocator bytes), with R the resident units:
+
+    sum over R of (weights + moments)                       always there
+    + the unit's gradients, casts and activations
+    + for a streamed unit: its weights, and its moments either whole ("with_unit")
+      or, where that does not fit, shard by shard through the optimizer step
+      ("sharded": the shard stepping and the next one arriving, never beside the activations)
+    + the bytes of later streamed units being prefetched during this turn
+    + AdamW's step temporaries (4 bytes per parameter stepped), once the activations are gone.
+
+The planner keeps units resident by descending swap priority (first fit: a unit
+that does not fit is streamed, and smaller units of lower priority may still be
+kept) while every turn's peak stays within ``target * budget - context``.
+Activations are estimated on the meta device from the tensors autograd saves for
+backward (no weights are allocated); the GPU run measures the real figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from redheart_tune.model.groups import NEVER_SWAPPED, selection_units, unit_priority
+
+GiB = 2**30
+WEIGHT_BYTES = 4  # fp32 master weights; gradients have the same size
+MOMENT_BYTES = 8  # AdamW's exp_avg and exp_avg_sq, fp32
+
+
+class PlanError(RuntimeError):
+    """No placement fits the budget; the message gives the numbers and what to change."""
+
+
+@dataclass(frozen=True)
+class UnitSize:
+    """One unit's parameters and the activations one micro-batch saves for its backward."""
+
+    name: str
+    priority: int
+    param_numels: tuple[int, ...]  # in the order of the unit's parameters
+    activation_bytes: int
+    checkpointed_activation_bytes: int = 0
+    """Activations with activation checkpointing inside the unit (0: the unit has none)."""
+    pass_batches: int = 1
+    """Micro-batches its forward and backward take at once (the plan chooses; activations scale with it)."""
+    checkpoint: bool = False
+    """Whether its turn uses activation checkpointing (the plan chooses it where it buys a larger pass)."""
+
+    @property
+    def pass_activation_bytes(self) -> int:
+        per_batch = self.checkpointed_activation_bytes if self.checkpoint else self.activation_bytes
+        return per_batch * self.pass_batches
+
+    @property
+    def numel(self) -> int:
+        return sum(self.param_numels)
+
+    @property
+    def weights(self) -> int:
+        return WEIGHT_BYTES * self.numel
+
+    @property
+    def moments(self) -> int:
+        return MOMENT_BYTES * self.numel
+
+
+def shard_partition(numels: Sequence[int], shard_bytes: int) -> list[list[int]]:
+    """Consecutive parameter indices whose AdamW moments take at most ``shard_bytes`` each.
+
+    A parameter larger than the cap gets a shard of its own: a tensor is never split.
+    """
+    cap = max(1, shard_bytes // MOMENT_BYTES)
+    shards: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, n in enumerate(numels):
+        if current and size + n > cap:
+            shards.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def moment_window_bytes(numels: Sequence[int], shard_bytes: int) -> int:
+    """Moment bytes on the device at once when a unit's moments pass through its step in shards:
+    one shard stepping and the next one arriving (the largest such pair; one shard alone if only one)."""
+    shards = [MOMENT_BYTES * sum(numels[i] for i in s) for s in shard_partition(numels, shard_bytes)]
+    return max([a + b for a, b in zip(shards, shards[1:], strict=False)] or shards)
+
+
+@dataclass(frozen=True)
+class UnitPlacement:
+    """Where one unit lives and what its turn costs."""
+
+    name: str
+    priority: int
+    numel: int
+    resident: bool
+    moments: Literal["resident", "with_unit", "sharded"]
+    """'resident': on the GPU for good; 'with_unit': they move in and out with the streamed weights;
+    'sharded': they pass through the optimizer step shard by shard."""
+    prefetch_at: str | None
+    """The turn during which its bytes start coming in on a side stream (None: at its own turn)."""
+    turn_peak: int
+    """Estimated allocator bytes at the peak of this unit's turn."""
+    pass_batches: int
+    """Micro-batches of the window its forward and backward take at once."""
+    checkpoint: bool
+    """Activation checkpointing inside the unit during its turn."""
+    moved_bytes: int
+    """Bytes copied between CPU and GPU per optimizer step, both directions (0 when resident)."""
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What a plan is made for: the budget, the precision's casts, the moment shards, prefetch."""
+
+    requested: str
+    """memory.strategy: 'auto' | 'resident' | 'stream'."""
+    device: Literal["cuda", "accounting", "cpu"]
+    """'cuda': a GPU budget; 'accounting': bytes counted against the budget on a CPU-only trial;
+    'cpu': no device memory to manage (everything resident, nothing counted)."""
+    budget_bytes: int
+    target: float
+    context_bytes: int
+    cast_bytes: int
+    """Bytes per parameter of autocast's weight casts (2 under bf16/fp16, 0 in fp32)."""
+    shard_bytes: int
+    prefetch: bool
+    always_shard: bool = False
+
+    @property
+    def limit_bytes(self) -> int:
+        """Allocator bytes a plan may use: target x budget, less the CUDA context."""
+        return int(self.target * self.budget_bytes) - self.context_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan(PlanSettings):
+    strategy: Literal["resident", "stream"] = "resident"
+    units: tuple[UnitPlacement, ...] = ()
+    """In turn order: resident units first, then streamed ones, each by descending priority."""
+    resident_peak: int = 0
+    """Estimated peak with everything resident (micro-batches outer), for comparison."""
+
+    @property
+    def peak_bytes(self) -> int:
+        """The plan's estimated allocator peak (CUDA context not included)."""
+        return max(u.turn_peak for u in self.units)
+
+    def pass_batches(self, unit: str) -> int:
+        """Micro-batches of the window that ``unit``'s forward and backward take at once."""
+        return self.unit(unit).pass_batches
+
+    @property
+    def transfer_bytes_per_step(self) -> int:
+        return sum(u.moved_bytes for u in self.units)
+
+    @property
+    def resident(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.units if u.resident)
+
+    @property
+    def streamed(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.units if not u.resident)
+
+    def unit(self, name: str) -> UnitPlacement:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(f"unit {name!r} is not in the plan")
+
+
+# ---------------------------------------------------------------------------
+# Sizes, on the meta device
+
+
+CHECKPOINTED_UNIT = "group_b"
+"""The unit whose turn can use activation checkpointing (``RedHeart.forward_unit(checkpoint=True)``)."""
+
+
+def measure_units(
+    model: torch.nn.Module, batch_size: int, tokens: int, input_dim: int, activation_bytes: int
+) -> tuple[UnitSize, ...]:
+    """Every unit's parameter sizes and an activation estimate for one micro-batch of batch_size x tokens.
+
+    ``model`` is a RedHeart built on the meta device.  The forward runs on meta
+    tensors with a saved-tensor hook that adds up what autograd keeps for
+    backward (each tensor once; parameters and views of them left out), at
+    ``min(tokens, 32)`` tokens and scaled linearly to ``tokens`` (a meta LSTM
+    unrolls per token, so the full length costs seconds); element sizes are
+    taken as ``activation_bytes`` (2 under autocast, 4 in fp32).
+    """
+    params = {id(p) for p in model.parameters()}
+    t_est = min(tokens, 32)
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(t) not in params and id(base) not in params:
+            saved[id(t)] = t
+        return t
+
+    x = torch.empty(batch_size, t_est, input_dim, device="meta")  # (B, T, E)
+    mask = torch.ones(batch_size, t_est, dtype=torch.bool, device="meta")
+    pooled = torch.empty(batch_size, input_dim, device="meta")
+
+    def saved_elements(fn, *args, **kwargs) -> int:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*args, **kwargs)
+        return sum(t.numel() for t in saved.values())
+
+    def to_bytes(elements: int) -> int:
+        return math.ceil(elements * activation_bytes * tokens / t_est)
+
+    sizes = []
+    for unit in selection_units():
+        elements = saved_elements(model.forward_unit, unit.name, x, mask, pooled)
+        checkpointed = 0
+        if unit.name == CHECKPOINTED_UNIT:
+            # What stays outside the checkpointed summaries, plus the largest summary recomputed in backward.
+            outside = saved_elements(model.forward_unit, unit.name, x, mask, pooled, checkpoint=True)
+            inside = max(saved_elements(model.get_submodule(m).summarize, x, mask) for m in unit.modules)
+            checkpointed = to_bytes(outside + inside)
+        unit_params = [p for m in unit.modules for p in model.get_submodule(m).parameters()]
+        sizes.append(
+            UnitSize(
+                name=unit.name,
+                priority=unit_priority(unit),
+                param_numels=tuple(p.numel() for p in unit_params),
+                activation_bytes=to_bytes(elements),
+                checkpointed_activation_bytes=checkpointed,
+            )
+        )
+    return tuple(sizes)
+
+
+# ---------------------------------------------------------------------------
+# Placement
+
+
+def _turn_order(sizes: Sequence[UnitSize], resident: set[str]) -> list[UnitSize]:
+    ranked = sorted(sizes, key=lambda s: -s.priority)  # stable: declaration order within a priority
+    return [s for s in ranked if s.name in resident] + [s for s in ranked if s.name not in resident]
+
+
+def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings) -> tuple[UnitPlacement, ...]:
+    """Turn peaks for a given resident set; each streamed unit takes the cheapest way that fits.
+
+    A streamed unit keeps its moments with it where its turn fits, else shards them.
+    Its bytes are prefetched from the earliest turn after which every turn up to its
+    own still fits (the link then has the longest time to carry them), but never
+    before the previous streamed unit's, so units arrive in the order they are
+    needed.  Turns that fit no way are returned with their (over-limit) peak; the
+    caller decides.
+    """
+    limit, cast_bytes, shard_bytes = settings.limit_bytes, settings.cast_bytes, settings.shard_bytes
+    order = _turn_order(sizes, resident)
+    base = sum(s.weights + s.moments for s in order if s.name in resident)
+
+    def working(s: UnitSize, moments: str) -> int:
+        """Bytes on the device during the unit's own turn, besides the resident base.
+
+        Activations and weight casts live during forward and backward; AdamW's step
+        comes after them and needs a 4-byte temporary per parameter it updates
+        (foreach AdamW's sqrt of exp_avg_sq), of one shard when sharded.
+        """
+        grads, compute = s.weights, cast_bytes * s.numel + s.pass_activation_bytes
+        if moments == "resident":
+            return grads + max(compute, WEIGHT_BYTES * s.numel)
+        if moments == "with_unit":
+            return s.weights + s.moments + grads + max(compute, WEIGHT_BYTES * s.numel)
+        window = moment_window_bytes(s.param_numels, shard_bytes)
+        return s.weights + grads + max(compute, window + window // 4)
+
+    modes: dict[str, str] = {}
+    for s in order:
+        if s.name in resident:
+            modes[s.name] = "resident"
+        else:
+            whole = base + working(s, "with_unit")
+            modes[s.name] = "with_unit" if whole <= limit and not settings.always_shard else "sharded"
+
+    def incoming(s: UnitSize) -> int:
+        """What a prefetch of ``s`` puts on the device ahead of its turn."""
+        return s.weights + (s.moments if modes[s.name] == "with_unit" else 0)
+
+    peaks = [base + working(s, modes[s.name]) for s in order]
+    starts: list[int | None] = [None] * len(order)
+    earliest = 0  # a prefetch starts no earlier than the previous streamed unit's
+    for i, s in enumerate(order):
+        if s.name in resident:
+            continue
+        j = i
+        while settings.prefetch and j > earliest and peaks[j - 1] + incoming(s) <= limit:
+            j -= 1
+        if j < i:
+            for k in range(j, i):
+                peaks[k] += incoming(s)
+            starts[i] = j
+        earliest = j
+    return tuple(
+        UnitPlacement(
+            name=s.name,
+            priority=s.priority,
+            numel=s.numel,
+            resident=s.name in resident,
+            moments=modes[s.name],  # type: ignore[arg-type]
+            prefetch_at=None if starts[i] is None else order[starts[i]].name,
+            turn_peak=peaks[i],
+            pass_batches=s.pass_batches,
+            checkpoint=s.checkpoint,
+            moved_bytes=0 if s.name in resident else 2 * (s.weights + s.moments),
+        )
+        for i, s in enumerate(order)
+    )
+
+
+def resident_peak(sizes: Sequence[UnitSize], cast_bytes: int) -> int:
+    """Everything on the device: all weights and moments, plus the largest turn's gradients and
+    activations (or AdamW's temporary): units take their turns one after another in either strategy,
+    and a unit's gradients are gone once it has stepped."""
+    state = sum(s.weights + s.moments for s in sizes)
+    return state + max(
+        s.weights + max(cast_bytes * s.numel + s.pass_activation_bytes, WEIGHT_BYTES * s.numel) for s in sizes
+    )
+
+
+def pass_candidates(window: int, requested: int | None) -> list[int]:
+    """Micro-batches per pass to try, largest first: ``requested`` alone, else ``window`` and its halves."""
+    if requested:
+        return [requested]
+    out = [window]
+    while out[-1] > 1:
+        out.append((out[-1] + 1) // 2)
+    return out
+
+
+def with_passes(
+    sizes: Sequence[UnitSize], passes: dict[str, int], checkpoint: set[str] = frozenset()
+) -> tuple[UnitSize, ...]:
+    return tuple(
+        dataclasses.replace(s, pass_batches=passes[s.name], checkpoint=s.name in checkpoint) for s in sizes
+    )
+
+
+def make_plan(
+    sizes: Sequence[UnitSize], settings: PlanSettings, *, window: int = 1, requested_pass: int | None = None
+) -> MemoryPlan:
+    """The plan for ``settings.requested`` ('auto' | 'resident' | 'stream'); PlanError when nothing fits.
+
+    Each unit also gets how many of the window's ``window`` micro-batches its forward and
+    backward take at once: the most that fits its turn (``requested_pass`` when given).
+    Fewer, larger passes launch fewer kernels; the plan first gives every unit the
+    largest pass that fits beside the units that are never swapped, then keeps resident
+    whatever still fits.
+    """
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(PlanSettings)}
+    limit = settings.limit_bytes
+    candidates = pass_candidates(window, requested_pass)
+    biggest = with_passes(sizes, {s.name: candidates[0] for s in sizes})
+    peak_all = resident_peak(biggest, settings.cast_bytes)
+
+    def plan(strategy: str, units: tuple[UnitPlacement, ...]) -> MemoryPlan:
+        return MemoryPlan(**fields, strategy=strategy, units=units, resident_peak=peak_all)
+
+    everything = {s.name for s in sizes}
+    no_prefetch = dataclasses.replace(settings, prefetch=False)
+    if settings.device == "cpu":
+        return plan("resident", place(biggest, everything, no_prefetch))
+    if settings.requested == "resident" or (settings.requested == "auto" and peak_all <= limit):
+        for k in candidates:
+            sized = with_passes(sizes, {s.name: k for s in sizes})
+            if resident_peak(sized, settings.cast_bytes) <= limit:
+                return plan("resident", place(sized, everything, no_prefetch))
+        raise PlanError(
+            _no_fit(
+                plan("resident", place(sized, everything, no_prefetch)),
+                "memory.strategy=resident does not fit",
+            )
+            + "\n  memory.strategy=stream (or auto) streams what does not fit."
+        )
+
+    def fits(placements: tuple[UnitPlacement, ...]) -> bool:
+        return all(u.turn_peak <= limit for u in placements)
+
+    resident = {s.name for s in sizes if s.priority >= NEVER_SWAPPED}
+    passes = {s.name: candidates[-1] for s in sizes}
+    checkpointed: set[str] = set()
+    placements = place(with_passes(sizes, passes), resident, settings)
+    if not fits(placements):  # the smallest pass, checkpointed where a unit can be
+        checkpointed = {s.name for s in sizes if s.checkpointed_activation_bytes}
+        placements = place(with_passes(sizes, passes, checkpointed), resident, settings)
+    if not fits(placements):
+        raise PlanError(
+            _no_fit(
+                plan("stream", placements), "even with every swappable unit streamed, a turn does not fit"
+            )
+        )
+    for s in sorted(sizes, key=lambda s: -s.activation_bytes):
+        # The largest pass that fits, without checkpointing where that fits the same pass.
+        options = [
+            (k, ck) for k in candidates for ck in (False, True) if not ck or s.checkpointed_activation_bytes
+        ]
+        for k, ck in options:
+            if (k, ck) == (passes[s.name], s.name in checkpointed):
+                break  # what it has already fits
+            chosen = checkpointed | {s.name} if ck else checkpointed - {s.name}
+            trial = place(with_passes(sizes, {**passes, s.name: k}, chosen), resident, settings)
+            if fits(trial):
+                passes[s.name], checkpointed, placements = k, chosen, trial
+                break
+    sized = with_passes(sizes, passes, checkpointed)
+    for s in sorted(sized, key=lambda s: -s.priority):
+        if s.name in resident:
+            continue
+        trial = place(sized, resident | {s.name}, settings)
+        if fits(trial):
+            resident.add(s.name)
+            placements = trial
+    return plan("stream", placements)
+
+
+def replan(plan: MemoryPlan, sizes: Sequence[UnitSize], resident: set[str]) -> MemoryPlan:
+    """The same budget with another resident set (the run-time swap manager's moves), streamed."""
+    units = place(sizes, resident, plan)
+    # Once the swap manager has moved anything, steps run units outer for good: the resident shape
+    # (micro-batches outer) holds every unit's gradients at once, which is what overflowed.
+    return dataclasses.replace(plan, units=units, strategy="stream")
+
+
+def size(nbytes: float) -> str:
+    """Bytes as GiB, or MiB below one GiB (the tests' budgets are a few MiB)."""
+    return f"{nbytes / GiB:.2f} GiB" if abs(nbytes) >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _no_fit(plan: MemoryPlan, why: str) -> str:
+    over = [u for u in plan.units if u.turn_peak > plan.limit_bytes] or list(plan.units)
+    worst = max(over, key=lambda u: u.turn_peak)
+    return (
+        f"memory plan: {why}.\n"
+        f"  budget {size(plan.budget_bytes)} x target {plan.target} = "
+        f"{size(plan.target * plan.budget_bytes)}, less {size(plan.context_bytes)} of CUDA "
+        f"context: {size(plan.limit_bytes)} for tensors.\n"
+        f"  {worst.name} ({worst.numel / 1e6:.1f}M parameters) needs {size(worst.turn_peak)} during "
+        f"its turn ({plan.strategy}; resident: {', '.join(plan.resident) or 'none'}).\n"
+        "  What to change (SPEC §4.1's advice): optim.batch_size=2 optim.grad_accum=32 (same effective "
+        "batch, half the activations); a larger memory.gpu_budget_gb on a larger card; "
+        "memory.shard_mb=64 (smaller moment shards)."
+    )
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as the table ``run.py params`` prints."""
+    head = {
+        "cuda": f"GPU budget {size(plan.budget_bytes)}",
+        "accounting": f"byte-accounting budget {size(plan.budget_bytes)} (CPU-only trial)",
+        "cpu": "CPU trial: no device memory to manage",
+    }[plan.device]
+    lines = [
+        f"memory plan: strategy {plan.strategy} (requested {plan.requested}); {head}",
+        f"  limit: target {plan.target} x budget - context {size(plan.context_bytes)} = "
+        f"{size(plan.limit_bytes)} for tensors; autocast casts {plan.cast_bytes} B/param",
+        f"  everything resident would peak at {size(plan.resident_peak)} "
+        f"({'fits' if plan.resident_peak <= plan.limit_bytes else 'does NOT fit'})",
+    ]
+    if plan.strategy == "resident":
+        lines.append(
+            f"  each unit's forward and backward take {plan.units[0].pass_batches} micro-batch(es) at once"
+        )
+    if plan.strategy == "stream":
+        lines += [
+            "",
+            f"  {'turn':<18} {'priority':>8} {'params':>9}  {'placement':<9} {'moments':<9} "
+            f"{'prefetch from':<16} {'turn peak':>10} {'moved/step':>10} {'pass':>5}",
+        ]
+        for u in plan.units:
+            lines.append(
+                f"  {u.name:<18} {u.priority:>8} {u.numel / 1e6:>8.2f}M  {'resident' if u.resident else 'streamed':<9} "
+                f"{u.moments:<9} {u.prefetch_at or '-':<16} {size(u.turn_peak):>10} {size(u.moved_bytes):>10} "
+                f"{u.pass_batches:>5}{' (checkpointed)' if u.checkpoint else ''}"
+            )
+        total = plan.peak_bytes + plan.context_bytes
+        lines += [
+            "",
+            f"  resident: {', '.join(plan.resident) or 'none'}",
+            f"  streamed: {', '.join(plan.streamed) or 'none'}",
+            f"  estimated peak {size(plan.peak_bytes)} + context {size(plan.context_bytes)} = {size(total)} "
+            f"= {100 * total / plan.budget_bytes:.0f} % of the {size(plan.budget_bytes)} budget",
+            f"  moved per optimizer step: {size(plan.transfer_bytes_per_step)} "
+            "(each streamed unit's weights and AdamW moments in and out once; gradients never move)",
+        ]
+    return "\n".join(lines)
