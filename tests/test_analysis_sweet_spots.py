@@ -1,4 +1,4 @@
-"""The sweet-spot rule (SPEC §5) on hand-made tables: no Ray, no files."""
+"""The sweet-spot rule on hand-made tables: no Ray, no files."""
 
 from __future__ import annotations
 

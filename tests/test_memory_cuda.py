@@ -232,3 +232,40 @@ def test_two_processes_share_the_card(tmp_path):
         assert r["streamed"]
         assert r["peak_reserved"] + r["context_after"] <= r["budget"]
         assert 0 < r["nvml_peak"] <= r["budget"]
+
+
+@pytest.mark.parametrize("strategy", ["resident", "stream"])
+def test_the_step_never_makes_the_host_wait(strategy, monkeypatch):
+    """A training step under ``torch.cuda.set_sync_debug_mode("error")``: any operation that makes the
+    host wait for the device (``.item()``, a boolean mask, a blocking copy, a copy home into pageable
+    memory) raises.  The step's one read of its numbers at the end (``read_results``) is by design and
+    runs with the check off.  The first step runs unchecked: it measures the context again."""
+    import redheart_tune.engine.memory.step as step_module
+
+    data = synthetic_data(64, 32)
+    overrides = ["model.preset=mid", "optim.precision=bf16", f"memory.strategy={strategy}"]
+    if strategy == "stream":
+        overrides.append(f"memory.gpu_budget_gb={context_plus(512)}")
+    c = cfg(*overrides)
+    state = build_training(c, data, 1e-3, 1, DEVICE, budget=margined(c))
+    batches = iterate_batches(data, "train", 8, shuffle=True, generator=torch.Generator().manual_seed(7))
+    train_step(state, Window(1, 1, 0, [next(batches), next(batches)]))
+    read = step_module.read_results
+
+    def read_unchecked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return read(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(step_module, "read_results", read_unchecked)
+    torch.cuda.synchronize(DEVICE)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in (2, 3):
+            train_step(state, Window(1, k, 2 * (k - 1), [next(batches), next(batches)]))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if strategy == "stream":
+        assert state.placement.plan.streamed

@@ -1,4 +1,4 @@
-"""Phase 4: one model assembled from each unit's sweet-spot checkpoint, and its ±Δ variants (SPEC §6);
+"""Phase 4: one model assembled from each unit's sweet-spot checkpoint, and its ±Δ variants;
 and the group soups, assembled the same way from several checkpoints per unit.
 
 Weights are copied key by key: a linked group's whole file from its epoch's
@@ -385,8 +385,8 @@ def shift_spot(epoch: int, delta: int, available: Sequence[int]) -> int:
 def variant_spots(
     spots: Mapping[str, int], deltas: Sequence[int], available: Sequence[int]
 ) -> dict[int, dict[str, int]]:
-    """``{delta: {unit: epoch}}``; every variant shifts the ORIGINAL spots (the original shifted its
-    previous variant's, SPEC §6 Defect)."""
+    """``{delta: {unit: epoch}}``; every variant shifts the sweet spots themselves, never another
+    variant's (shifts would otherwise compound from one variant to the next)."""
     if len(set(deltas)) != len(deltas):
         raise CrossoverError(f"deltas {list(deltas)} repeat a value")
     return {int(d): {u: shift_spot(int(e), int(d), available) for u, e in spots.items()} for d in deltas}

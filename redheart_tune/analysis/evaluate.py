@@ -14,7 +14,7 @@ Two steps, kept apart on purpose:
 
 Methods (the names are the rows of results.csv):
 
-    crossover            one model, every unit from its sweet-spot checkpoint (SPEC §6)
+    crossover            one model, every unit from its sweet-spot checkpoint
     crossover_ensemble   mean fused prediction of the crossover's ±Δ variants
     group_window_soup    every unit's weights averaged over the checkpoints within ±k of its own sweet spot
     group_greedy_soup    every unit's weights averaged over the checkpoints it keeps greedily: its sweet spot,

@@ -1,4 +1,4 @@
-"""The paper's figures (SPEC §8), each a PNG with the CSV behind it written beside it."""
+"""The paper's figures, each a PNG with the CSV behind it written beside it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phase 3: each selection unit's sweet-spot epoch (SPEC §5), as pure functions on a table.
+"""Phase 3: each selection unit's sweet-spot epoch, as pure functions on a table.
 
 The input is the *checkpoint table*: one row per checkpoint epoch with the
 columns ``epoch``, ``train_loss``, ``val_loss`` and ``val_loss/<module>`` (the
@@ -23,7 +23,7 @@ import pandas as pd
 
 from redheart_tune.model.groups import SelectionUnit, param_prefix_owner, selection_units
 
-# SPEC §5: a linked group pays 0.1 * |train - val| once that gap exceeds 0.5.
+# A linked group pays 0.1 * |train - val| once that gap exceeds 0.5.
 OVERFIT_GAP_THRESHOLD = 0.5
 OVERFIT_PENALTY_WEIGHT = 0.1
 
@@ -50,7 +50,7 @@ def overfit_penalty(train_loss: pd.Series, val_loss: pd.Series) -> pd.Series:
 def spec_rule(
     unit: SelectionUnit, unit_loss: pd.Series, train_loss: pd.Series, val_loss: pd.Series
 ) -> pd.Series:
-    """SPEC §5: a linked group scores its mean module loss plus the overfit penalty; an
+    """A linked group scores its mean module loss plus the overfit penalty; an
     independent module scores its own loss (the spec gives it no penalty)."""
     if unit.group == "independent":
         return unit_loss
@@ -140,7 +140,7 @@ def select_sweet_spots(
 
 
 # ---------------------------------------------------------------------------
-# Report (SPEC §5, "for the paper")
+# Report (for the paper)
 
 
 def _unit_params(

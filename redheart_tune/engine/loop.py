@@ -24,6 +24,7 @@ from torch import nn
 
 from redheart_tune.config import Config
 from redheart_tune.data import EncodedData, iterate_batches, num_batches
+from redheart_tune.engine.checkpoints import capture_rng, restore_rng
 from redheart_tune.engine.memory import (
     Budget,
     NonFiniteLossError,
@@ -144,6 +145,29 @@ class TrainingState:
     loss_weights: dict[str, float] = field(default_factory=dict)
     pad_multiple: int = 1  # a forward pass's tokens are padded to a multiple of this (few shapes)
     max_tokens: int | None = None
+
+    def state_dict(self) -> dict:
+        """Everything but the weights that a resume needs to continue bit for bit: each unit's AdamW,
+        the schedule, the scaler, the data order, every RNG, and the placement's step shape."""
+        return {
+            "optimizers": {unit: opt.state_dict() for unit, opt in self.optimizers.items()},
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": capture_rng(),
+            "memory": self.placement.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """``state_dict``'s inverse, after the weights are loaded: moments of streamed units go home."""
+        for unit, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][unit])
+        self.placement.adopt_loaded_state()
+        self.placement.restore(state["memory"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        restore_rng(state["rng"])
 
 
 def choose_precision(precision: str, device: torch.device) -> torch.dtype | None:

@@ -1,6 +1,6 @@
 """The assembled Red Heart model: every module of groups.py, their outputs, and the fused prediction.
 
-Dependency rule (groups.py, SPEC §2): a module reads only the encoder's output
+Dependency rule (groups.py): a module reads only the encoder's output
 (tokens, mask, pooled) and the modules it is linked to in ``LINKS``, which are
 always in its own group.  So the heads read the backbone, the neural analyzers
 read each other's messages, the Kalman filter reads the DSP's signal, and the

@@ -10,7 +10,7 @@ piece between GPU and CPU.
 Nothing else in the code base lists module names.
 
 Why groups exist: modules of one *linked* group must always come from the same
-epoch's checkpoint, because they read each other's outputs (SPEC §2).  A module
+epoch's checkpoint, because they read each other's outputs.  A module
 may read only the sentence encoder's output and modules of its own group, and
 only through a link declared in ``LINKS``.  That is what makes a model whose
 groups come from different epochs a sound model.
@@ -81,7 +81,7 @@ LINKS: dict[str, tuple[str, ...]] = {
     "kalman": ("dsp",),
 }
 
-# Dynamic swap manager priorities (SPEC §4.1): higher is swapped later.
+# Dynamic swap manager priorities: higher is swapped later.
 SWAP_PRIORITY: dict[str, int] = {
     "backbone": 100,
     "heads.emotion": 90,
@@ -135,7 +135,7 @@ def unit_priority(unit: SelectionUnit) -> int:
 
 
 NEVER_SWAPPED = 100
-"""Units of this priority stay on the GPU under every plan (SPEC §4.1: the backbone, 100, is never swapped)."""
+"""Units of this priority stay on the GPU under every plan (the backbone, 100, is never swapped)."""
 
 
 def unit_of_module(module: str) -> SelectionUnit:

@@ -1,4 +1,4 @@
-"""Per-task losses and metrics, done right (ORIGINAL.md, mistakes 5 and 6).
+"""Per-task losses and metrics, each over the rows that carry its target.
 
 Logits go into cross-entropy (never softmax first); soft targets use log_softmax;
 regression is MSE on exactly matching shapes.  Rows whose target is missing weigh

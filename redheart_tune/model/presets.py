@@ -179,7 +179,7 @@ REDHEART_730M = Preset(
 
 PRESETS: dict[str, Preset] = {"tiny": TINY, "mid": MID, "redheart-730m": REDHEART_730M}
 
-# Logged parameter counts of the original's 730M run (ORIGINAL.md), the sizes
+# Logged parameter counts of the first implementation's 730M run, the sizes
 # redheart-730m reproduces within 3%.  DSP and Kalman are counted together.
 TARGETS_730M: dict[tuple[str, ...], int] = {
     ("backbone",): 90_600_000,
@@ -209,7 +209,7 @@ class ModelConfig:
     preset: Literal["tiny", "mid", "redheart-730m"] = "tiny"
     """Size preset; see PRESETS."""
     dropout: float = 0.1
-    """Dropout everywhere (kept low on purpose: overfitting is induced, SPEC §4)."""
+    """Dropout everywhere (kept low on purpose: overfitting is induced, and the sweet-spot analysis finds where)."""
     fusion_weights: dict[str, float] = field(default_factory=dict)
     """Weight of a module in its task's fused prediction (module key -> weight; missing keys weigh 1)."""
 

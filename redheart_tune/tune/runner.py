@@ -39,7 +39,7 @@ from redheart_tune.layout import CONFIG_FILE, SPLIT_FILE
 from redheart_tune.tune.recovery import ContinueTrial, ExperimentError, KeepTrialRecords, Recovery
 from redheart_tune.tune.resources import cluster_address, trial_resources
 from redheart_tune.tune.storage import publish, storage
-from redheart_tune.tune.trainable import run_trial
+from redheart_tune.tune.trainable import TRIALS, run_trial
 from redheart_tune.util.faults import FaultStop, out_of_space, space_line, take_fault
 from redheart_tune.util.files import write_json_atomic
 
@@ -99,7 +99,7 @@ def trainable_for(cfg: Config, stage: str, resume_from: Path | None = None):
         shipped["data"] = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).compacted()
     if resume_from is not None:
         shipped["resume_from"] = str(resume_from)
-    return with_resources(with_parameters(run_trial, cfg=cfg, stage=stage, **shipped), trial_resources(cfg))
+    return with_resources(with_parameters(run_trial, cfg=cfg, trial=TRIALS[stage], **shipped), trial_resources(cfg))
 
 
 class ResumeStatePruner(Callback):

@@ -1,6 +1,6 @@
 """Phase 1: the LR sweep. Five learning rates x five epochs as Ray Tune trials, one at a time.
 
-Selection (SPEC §3), lowest wins:
+Selection, lowest wins:
     score = mean(val_loss of the last 3 epochs) + 0.1 * |train_loss[-1] - val_loss[-1]|
 Outputs under <run dir>/lr_sweep/: per trial <trial name>.json and .csv (one row per
 epoch) and best_lr.json with every candidate's score.  A finished sweep is reused,

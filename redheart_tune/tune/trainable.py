@@ -1,9 +1,13 @@
 """The Tune function trainable: build -> resume -> loop -> report / checkpoint.
 
-Used by both phases: the LR sweep (``stage="sweep"``: no checkpoints) and the
-main training (``stage="train"``: a checkpoint every ``train.checkpoint_every``
-epochs and after the last).  Epochs count from 1, so epoch 2k is checkpoint k
-and lines up with Tune's ``training_iteration``.
+One epoch loop (``run_trial``) serves both phases; what differs is a ``Trial``:
+
+- ``SWEEP``: the trial's own LR (``params["lr"]``) for ``sweep.epochs``, no checkpoints, and a NaN
+  loss is a result (the LR diverged) that ends the trial with an infinite score;
+- ``TRAIN``: ``optim.lr`` for ``train.epochs``, a checkpoint every ``train.checkpoint_every`` epochs
+  and after the last, and a NaN loss stops the run (earlier checkpoints stay; ``resume`` continues).
+
+Epochs count from 1, so epoch 2k is checkpoint k and lines up with Tune's ``training_iteration``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,8 @@ from redheart_tune.config import Config, cache_dir, config_to_dict
 from redheart_tune.data import EncodedData, prepare_data
 from redheart_tune.engine.checkpoints import (
     CheckpointError,
-    capture_rng,
     load_model_state,
     load_resume_state,
-    restore_rng,
     verify_checkpoint,
     write_checkpoint,
     write_timing,
@@ -51,9 +53,6 @@ from redheart_tune.util.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sweep", "train")
-
-
 # The scalar columns every epoch reports (``epoch_metrics``), in the order the sweep's per-LR CSVs use.
 EPOCH_COLUMNS = [
     "epoch",
@@ -75,21 +74,81 @@ def is_checkpoint_epoch(epoch: int, cfg: Config) -> bool:
 
 
 def selection_score(train_losses: list[float], val_losses: list[float], overfit_weight: float) -> float:
-    """The sweep's rule (SPEC §3): mean of the last 3 val losses + w * |train - val| at the last epoch."""
+    """The sweep's rule: mean of the last 3 val losses + w * |train - val| at the last epoch."""
     last = val_losses[-3:]
     return float(np.mean(last)) + overfit_weight * abs(train_losses[-1] - val_losses[-1])
+
+
+class Trial:
+    """What a kind of trial decides: its LR and epochs, which epochs checkpoint, what a NaN loss means."""
+
+    name: str
+
+    def lr(self, params: dict, cfg: Config) -> float:
+        raise NotImplementedError
+
+    def epochs(self, cfg: Config) -> int:
+        raise NotImplementedError
+
+    def saves(self, epoch: int, cfg: Config) -> bool:
+        return False
+
+    def diverged(self, cfg: Config, lr: float, epoch: int, exc: NonFiniteLossError, progress: Progress) -> None:
+        """A loss became non-finite in ``epoch``: end the trial (return) or stop the run (raise)."""
+        raise exc
+
+
+class SweepTrial(Trial):
+    """One LR of the sweep: the trial's own LR, no checkpoints; a diverging LR is a result, not a failure."""
+
+    name = "sweep"
+
+    def lr(self, params: dict, cfg: Config) -> float:
+        return float(params["lr"])
+
+    def epochs(self, cfg: Config) -> int:
+        return cfg.sweep.epochs
+
+    def diverged(self, cfg, lr, epoch, exc, progress) -> None:
+        log.warning("lr %.1e diverged: %s", lr, exc)
+        progress.close("diverged")
+        report(diverged_row(epoch, lr, str(exc)))
+
+
+class TrainTrial(Trial):
+    """The main training: its config's LR (a resume may lower it after a NaN), checkpoints, and a NaN
+    loss that stops the run with its settings remembered (a retry with the same ones would only repeat)."""
+
+    name = "train"
+
+    def lr(self, params: dict, cfg: Config) -> float:
+        return cfg.optim.lr
+
+    def epochs(self, cfg: Config) -> int:
+        return cfg.train.epochs
+
+    def saves(self, epoch: int, cfg: Config) -> bool:
+        return is_checkpoint_epoch(epoch, cfg)
+
+    def diverged(self, cfg, lr, epoch, exc, progress) -> None:
+        remember_divergence(cfg, lr, exc)
+        raise exc  # training stops with the error; earlier checkpoints stay intact
+
+
+SWEEP, TRAIN = SweepTrial(), TrainTrial()
+TRIALS: dict[str, Trial] = {t.name: t for t in (SWEEP, TRAIN)}
 
 
 def run_trial(
     params: dict,
     *,
     cfg: Config,
-    stage: str,
+    trial: Trial,
     data: EncodedData | None = None,
     resume_from: str | None = None,
 ) -> None:
-    """One Tune trial: ``params["lr"]`` is the sweep trial's peak learning rate (a training run's is
-    ``cfg.optim.lr``).  ``data``: the encoded data, shipped through the object store on a cluster
+    """One Tune trial of ``trial``'s kind (``SWEEP``: ``params["lr"]`` is its peak LR; ``TRAIN``).
+    ``data``: the encoded data, shipped through the object store on a cluster
     (``tune.runner.trainable_for``); else it is read from the encoding cache.  ``resume_from``: a
     checkpoint directory to continue from when Tune has none to give (``tune.recovery``).
 
@@ -98,7 +157,7 @@ def run_trial(
     quiet_trial()  # no Ray line per checkpoint, no traceback from the worker's exit (redheart_tune/util/console.py)
     sizes: dict[str, tuple[int, int]] = {}  # one checkpoint's bytes, once the model is built
     try:
-        _run_trial(params, cfg=cfg, stage=stage, data=data, resume_from=resume_from, sizes=sizes)
+        _run_trial(params, cfg=cfg, trial=trial, data=data, resume_from=resume_from, sizes=sizes)
     except OSError as exc:
         fault = out_of_space(exc)
         if fault is None:
@@ -112,22 +171,19 @@ def _run_trial(
     params: dict,
     *,
     cfg: Config,
-    stage: str,
+    trial: Trial,
     data: EncodedData | None,
     resume_from: str | None,
     sizes: dict,
 ) -> None:
-    assert stage in STAGES, stage
     if "seed" in params:  # one trial of several seeds' training (all --seeds N)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=int(params["seed"])))
-    # The training run's LR is its config's (a resume may lower it after a NaN); the sweep's is the trial's.
-    lr = cfg.optim.lr if stage == "train" else float(params["lr"])
-    epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
+    lr, epochs = trial.lr(params, cfg), trial.epochs(cfg)
     # Steps, samples/s and ETAs inside each epoch: the console line, live_progress.json, TensorBoard.
     directory, upload_lag_s = trial_files()
     progress = Progress(
         directory,
-        stage=stage,
+        stage=trial.name,
         lr_peak=lr,
         epochs=epochs,
         print_every_s=cfg.train.progress_every_s,
@@ -146,7 +202,7 @@ def _run_trial(
     sizes["checkpoint"] = checkpoint_sizes(state.model)
     if state.placement.managed:
         log.warning(
-            "%s trial on %s\n%s", stage, describe_device(device)["name"], format_plan(state.placement.plan)
+            "%s trial on %s\n%s", trial.name, describe_device(device)["name"], format_plan(state.placement.plan)
         )
     history: dict[str, list[float]] = {"train": [], "val": []}
     # Since the last checkpoint: every optimizer step's LR (warm-up and restarts, visible), every move
@@ -163,11 +219,11 @@ def _run_trial(
         with checkpoint.as_directory() as ckpt_dir:
             start = restore(state, Path(ckpt_dir), cfg, data) + 1
             history = json.loads((Path(ckpt_dir) / "meta.json").read_text())["loss_history"]
-        log.warning("resumed %s trial at epoch %d from %s", stage, start, checkpoint.path)
+        log.warning("resumed %s trial at epoch %d from %s", trial.name, start, checkpoint.path)
     refuse_known_divergence(cfg, lr)
 
     for epoch in range(start, epochs + 1):
-        save = stage == "train" and is_checkpoint_epoch(epoch, cfg)
+        save = trial.saves(epoch, cfg)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -175,13 +231,7 @@ def _run_trial(
                 state, data, epoch, collect_grad_stats=save, on_step=progress.hook(state.placement)
             )
         except NonFiniteLossError as exc:
-            if stage != "sweep":
-                remember_divergence(cfg, lr, exc)
-                raise  # training stops with the error; earlier checkpoints stay intact
-            # In the sweep a diverging LR is a result, not a failure: record it and end this trial.
-            log.warning("lr %.1e diverged: %s", lr, exc)
-            progress.close("diverged")
-            report(diverged_row(epoch, lr, str(exc)))
+            trial.diverged(cfg, lr, epoch, exc, progress)
             return
         except torch.OutOfMemoryError as exc:
             raise out_of_memory(exc, state.placement.plan, budget, f"in epoch {epoch}") from exc
@@ -370,15 +420,8 @@ def checkpoint_meta(epoch: int, cfg: Config, data: EncodedData, lr: float, devic
 
 
 def resume_state(state: TrainingState, epoch: int) -> dict:
-    return {
-        "epoch": epoch,
-        "optimizers": {unit: opt.state_dict() for unit, opt in state.optimizers.items()},
-        "schedule": state.schedule.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "generator": state.generator.get_state(),
-        "rng": capture_rng(),
-        "memory": state.placement.state_dict(),
-    }
+    """The checkpoint's resume state: the training state's, and the epoch it ends."""
+    return {"epoch": epoch, **state.state_dict()}
 
 
 def restore(state: TrainingState, directory: Path, cfg: Config, data: EncodedData) -> int:
@@ -396,12 +439,5 @@ def restore(state: TrainingState, directory: Path, cfg: Config, data: EncodedDat
             f"{directory}: its resume state holds one optimizer for the whole model (written by redheart-tune "
             "before per-unit optimizers); resume it with that version, or start a new run"
         )
-    for unit, opt in state.optimizers.items():
-        opt.load_state_dict(rs["optimizers"][unit])
-    state.placement.adopt_loaded_state()
-    state.placement.restore(rs["memory"])
-    state.schedule.load_state_dict(rs["schedule"])
-    state.scaler.load_state_dict(rs["scaler"])
-    state.generator.set_state(rs["generator"])
-    restore_rng(rs["rng"])
+    state.load_state_dict(rs)
     return int(rs["epoch"])

@@ -1,4 +1,4 @@
-"""The memory component: fitting the model into a GPU budget (SPEC §4.1, ../MEMORY.md in the design notes).
+"""The memory component: fitting the model into a GPU budget.
 
     plan = plan_for(cfg, tasks, input_dim, device, budget)    # which units stay, which stream
     placement = Placement(model, optimizers, plan, ...)        # carries it out, runs the swap manager

@@ -339,14 +339,14 @@ class MemoryBudgetError(RuntimeError):
 
 
 def out_of_memory(exc: BaseException, plan: MemoryPlan, budget: Budget, where: str) -> MemoryBudgetError:
-    """The error a trial raises on a CUDA out-of-memory, with the numbers and SPEC §4.1's advice."""
+    """The error a trial raises on a CUDA out-of-memory, with the numbers and what to change."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return MemoryBudgetError(
         f"out of GPU memory {where} under the {size(budget.bytes)} budget ({budget.source}, "
         f"{size(budget.context_bytes)} of it CUDA context); the plan ({plan.strategy}, streamed: "
         f"{', '.join(plan.streamed) or 'none'}) estimated a peak of {size(plan.peak_bytes)}. {first}\n"
         "Earlier checkpoints are intact. Memory settings never change the results, so resume with "
-        "more headroom: memory.target=0.75 (SPEC §4.1), memory.stream_moments=sharded, or a larger "
+        "more headroom: memory.target=0.75, memory.stream_moments=sharded, or a larger "
         "memory.gpu_budget_gb where the card has it; a smaller micro-batch (optim.batch_size=2 "
         "optim.grad_accum=32, the same effective batch) needs a new run."
     )

@@ -1,4 +1,4 @@
-"""The spec's dynamic swap manager (SPEC §4.1), run on top of the plan after every unit's turn.
+"""The dynamic swap manager (DSM), run on top of the plan after every unit's turn.
 
 The plan is an estimate; fragmentation, the allocator's cache and activations it
 guessed wrong can push real use past it.  After each unit's optimizer step the

@@ -468,7 +468,7 @@ def _no_fit(plan: MemoryPlan, why: str) -> str:
         f"context: {size(plan.limit_bytes)} for tensors.\n"
         f"  {worst.name} ({worst.numel / 1e6:.1f}M parameters) needs {size(worst.turn_peak)} during "
         f"its turn ({plan.strategy}; resident: {', '.join(plan.resident) or 'none'}).\n"
-        "  What to change (SPEC §4.1's advice): optim.batch_size=2 optim.grad_accum=32 (same effective "
+        "  What to change: optim.batch_size=2 optim.grad_accum=32 (same effective "
         "batch, half the activations); a larger memory.gpu_budget_gb on a larger card; "
         "memory.shard_mb=64 (smaller moment shards)."
     )
