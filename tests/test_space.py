@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from redheart_tune.engine.checkpoints import MANIFEST, measured_size
+from redheart_tune.util import faults
+from redheart_tune.util.faults import CheckpointSize, NoRoomError, SpaceCheck, out_of_space, space_line
 from tests.test_checkpoints import write
-from tune import faults
-from tune.checkpoints import MANIFEST, measured_size
-from tune.faults import CheckpointSize, NoRoomError, SpaceCheck, out_of_space, space_line
 
 GB = 10**9
 # One checkpoint of the 730M model: 2.9 GB of weights + 5.8 GB of resume state.

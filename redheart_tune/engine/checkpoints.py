@@ -12,7 +12,7 @@ A checkpoint directory holds
 
 A checkpoint is complete only when its manifest exists and every file matches it;
 ``verify_checkpoint`` is what later stages call before trusting one.  ``plan_space`` checks, before
-each one is written, that it fits (``tune.faults.SpaceCheck``).
+each one is written, that it fits (``util.faults.SpaceCheck``).
 
 Each file is hashed while it is written, from the bytes in memory as they go to the
 file, so a checkpoint's data is never read back to be hashed (the 730M model writes
