@@ -1,7 +1,9 @@
 """Issue 19: a run survives a full disk and a torn Tune experiment state, and `resume` ends bit-identical.
 
-Both tests drive run.py as a user would (a subprocess each: its own Ray, shut down at exit) on the smoke
-config, and compare the final weights with one uninterrupted run shared by the module.
+Each test drives run.py as a user would (a subprocess each: its own Ray, shut down at exit) on the smoke
+config, and compares the final weights with one uninterrupted run shared by the module.  The full disk
+is a small tmpfs (root and mount needed) or, anywhere, a disk that ``shutil.disk_usage`` reports
+(FAKE_DISK, read by the space check's one seam, ``util.faults.free_bytes``).
 """
 
 from __future__ import annotations

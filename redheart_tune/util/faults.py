@@ -76,10 +76,14 @@ def human_bytes(n: float) -> str:
 
 def free_bytes(path: Path) -> int:
     """Free bytes (for an unprivileged user) on the filesystem of ``path``, or of its nearest existing parent."""
+    return shutil.disk_usage(_existing(path)).free
+
+
+def _existing(path: Path) -> Path:
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
 
 
 def space_line(exc: OSError, directory: Path, sizes: tuple[int, int] | None) -> str:
@@ -163,13 +167,6 @@ def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
 
 
-def _existing(path: Path) -> Path:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 @dataclass
 class SpaceCheck:
     """Where a training trial's checkpoints go, and whether they fit.
@@ -177,8 +174,8 @@ class SpaceCheck:
     A checkpoint is written to ``staging`` (a local temporary folder), then Tune copies it to
     ``destination`` (the trial's folder) and the staged copy is removed.  On remote storage
     ``destination`` is None: the free space of a bucket is unknown, only the staging folder is checked.
-    ``keep_resume``: how many newest checkpoints keep their resume state (None: all).  ``size`` is the
-    newest checkpoint's measured size once one was written (``wrote``), an estimate before."""
+    ``keep_resume``: how many newest checkpoints keep their resume state (None: all).  ``size``: an estimate
+    until a checkpoint was written, then the newest one's measured size (``tune.trainable`` sets it)."""
 
     size: CheckpointSize
     staging: Path
