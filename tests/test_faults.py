@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from redheart_tune.engine.checkpoints import load_model_state, verify_checkpoint
+from redheart_tune.engine.checkpoints import CheckpointError, load_model_state, verify_checkpoint
 from tests.test_train import _finish, _kill_group, _run, _wait_for_checkpoint, checkpoints_of
 
 pytestmark = pytest.mark.slow  # real training runs, about a minute each
@@ -43,12 +43,11 @@ def assert_same_final_weights(reference: Path, experiment: Path) -> None:
 
 
 @contextlib.contextmanager
-def small_disk(where: Path, size: str):
-    """A tmpfs of ``size`` at ``where`` (root and mount needed: the test is skipped without them)."""
+def small_disk(where: Path, options: str):
+    """A tmpfs mounted with ``options`` ("size=30m") at ``where`` (root and mount needed: the test is
+    skipped without them)."""
     where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
-    )
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -98,7 +97,7 @@ def test_a_full_disk_stops_before_the_checkpoint_that_cannot_fit_and_resume_fini
     The trial says so at its start; before epoch 4's checkpoint it stops at once (no FailureConfig retry)
     with one line and no traceback, writing nothing; after the disk grows, `resume` ends with the weights
     of an uninterrupted run.  The checkpoint is staged on the machine's own disk, not the tmpfs."""
-    with small_disk(tmp_path / "disk", "30m") as disk:
+    with small_disk(tmp_path / "disk", "size=30m") as disk:
         exp = disk / "smoke" / "train"
         trial, line = stopped_before_epoch_4(_run(["train"], disk, data_cache), exp)
         assert mb_free(line) < 23.7
@@ -109,6 +108,43 @@ def test_a_full_disk_stops_before_the_checkpoint_that_cannot_fit_and_resume_fini
         assert "Traceback" not in out and "[space]" not in out, out[-3000:]
         assert "resumed train trial at epoch 3" in out
         assert_same_final_weights(reference, exp)
+
+
+def test_a_disk_that_fills_in_the_middle_of_a_checkpoint_stops_in_one_line_and_resume_finishes_bit_identical(
+    tmp_path, data_cache, reference
+):
+    """ENOSPC in the middle of a checkpoint's copy into the trial folder, which the space check cannot
+    foresee: a tmpfs of 200 MB but 35 files (inodes), which run out in the middle of epoch 4's checkpoint.
+    The run stops at once (no FailureConfig retry) with one line and no traceback; after the disk grows,
+    `resume` moves the torn checkpoint aside and ends with the weights of an uninterrupted run."""
+    with small_disk(tmp_path / "disk", "size=200m,nr_inodes=35") as disk:
+        proc = _run(["train"], disk, data_cache)
+        out, _ = proc.communicate(timeout=300)
+        exp = disk / "smoke" / "train"
+        assert proc.returncode == 2, out[-3000:]
+        assert "Traceback" not in out and "[space]" not in out, out[-3000:]
+        assert "resumed train trial" not in out, "the trial was retried into the full disk"
+        (line,) = [x for x in out.splitlines() if x.startswith("error:")]
+        (trial,) = [d for d in exp.iterdir() if d.name.startswith("lr_")]
+        assert f"No space left on device (ENOSPC) writing {trial}: " in line
+        assert (
+            " MB free there but no free inodes (df -i); one checkpoint of this model takes 7.7 MB of weights "
+            "+ 15.4 MB of resume state" in line
+        )
+        assert line.endswith(f"Free space, then continue with: python run.py resume {exp}")
+        # What the fault left: epoch 2's checkpoint verifies; epoch 4's folder is torn.
+        verify_checkpoint(trial / "checkpoint_000000")
+        torn = trial / "checkpoint_000001"
+        with pytest.raises(CheckpointError, match="missing|never completed"):
+            verify_checkpoint(torn)
+
+        subprocess.run(["mount", "-o", "remount,nr_inodes=1000", str(disk)], check=True)
+        out = _finish(_run(["resume", str(exp)], disk, data_cache))
+        assert "Traceback" not in out, out[-3000:]
+        assert f"[resume] moved aside {torn} -> {trial / 'broken' / torn.name}: does not verify" in out
+        assert "resumed train trial at epoch 3" in out
+        assert_same_final_weights(reference, exp)
+        assert (trial / "broken" / torn.name).is_dir()  # kept, not deleted
 
 
 FAKE_DISK = '''\

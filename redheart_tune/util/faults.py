@@ -93,6 +93,9 @@ def space_line(exc: OSError, directory: Path, sizes: tuple[int, int] | None) -> 
     where = Path(exc.filename) if exc.filename else Path(directory)
     line = f"{os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}) writing {where}: "
     line += f"{human_bytes(free_bytes(where))} free there"
+    inodes = os.statvfs(_existing(where))
+    if inodes.f_files and not inodes.f_favail:  # a filesystem that counts its files has room for no more
+        line += " but no free inodes (df -i)"
     if sizes is not None:
         line += "; " + _one_checkpoint(*sizes)
     return line
