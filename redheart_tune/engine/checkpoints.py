@@ -11,7 +11,8 @@ A checkpoint directory holds
     manifest.json        size and sha256 of every other file, written last, and how long the write took.
 
 A checkpoint is complete only when its manifest exists and every file matches it;
-``verify_checkpoint`` is what later stages call before trusting one.
+``verify_checkpoint`` is what later stages call before trusting one.  ``plan_space`` checks, before
+each one is written, that it fits (``util.faults.SpaceCheck``).
 
 Each file is hashed while it is written, from the bytes in memory as they go to the
 file, so a checkpoint's data is never read back to be hashed (the 730M model writes
@@ -27,6 +28,7 @@ import json
 import logging
 import random
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ import torch
 from safetensors import safe_open
 
 from redheart_tune.model.groups import GROUPS, modules_of_group
+from redheart_tune.util.faults import RESUME_STATES_KEPT, CheckpointSize, SpaceCheck, local_trial_dir
 from redheart_tune.util.files import sha256_file, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -258,6 +261,40 @@ def write_timing(directory: Path) -> dict:
     """How the checkpoint in ``directory`` was written: bytes, weights_bytes, resume_state_bytes, write_s
     (serialising and writing, hashing excluded) and hash_s; {} for a checkpoint older than this record."""
     return json.loads((Path(directory) / MANIFEST).read_text()).get("written", {})
+
+
+def measured_size(directory: Path) -> CheckpointSize | None:
+    """The size of the checkpoint in ``directory`` as its manifest recorded it when it was written (the
+    resume state's too, when it was dropped since); None for a checkpoint older than that record."""
+    written = write_timing(directory)
+    if not written:
+        return None
+    epoch = json.loads((Path(directory) / META).read_text())["epoch"]
+    weights, resume = written["weights_bytes"], written["resume_state_bytes"]
+    return CheckpointSize(weights, resume, written["bytes"], f"as measured at epoch {epoch}")
+
+
+def plan_space(
+    model, measured: CheckpointSize | None, keep_resume_state: str, epochs: list[int]
+) -> SpaceCheck:
+    """Inside a Tune trial whose checkpoints of ``epochs`` are still to be written: the check each one
+    passes before it is written, sized by ``measured`` (the checkpoint resumed from) or estimated from
+    ``model``.  Logs the one-line warning when they will not all fit.
+
+    A checkpoint is staged in the temporary folder (``tempfile``'s, as ``tune.trainable`` writes it)
+    before Tune copies it into the trial's folder."""
+    destination = local_trial_dir()
+    check = SpaceCheck(
+        size=measured or CheckpointSize.estimate(model),
+        staging=Path(tempfile.gettempdir()),
+        destination=destination,
+        keep_resume=RESUME_STATES_KEPT if keep_resume_state == "latest" else None,
+    )
+    held = len(list(destination.glob(f"checkpoint_*/{RESUME_STATE}"))) if destination else 0
+    line = check.start_line(epochs, held)
+    if line is not None:
+        log.warning(line)
+    return check
 
 
 def drop_resume_state(fs, directory: str | Path) -> None:

@@ -30,6 +30,8 @@ from redheart_tune.engine.checkpoints import (
     CheckpointError,
     load_model_state,
     load_resume_state,
+    measured_size,
+    plan_space,
     verify_checkpoint,
     write_checkpoint,
     write_timing,
@@ -211,7 +213,7 @@ def _run_trial(
     moves: list[dict] = []
     trace: list[dict] = []
 
-    start = 1
+    start, size = 1, None
     checkpoint = get_checkpoint()
     if checkpoint is None and resume_from is not None:  # Tune's record was lost; tune.recovery chose this one
         checkpoint = Checkpoint.from_directory(resume_from)
@@ -219,8 +221,11 @@ def _run_trial(
         with checkpoint.as_directory() as ckpt_dir:
             start = restore(state, Path(ckpt_dir), cfg, data) + 1
             history = json.loads((Path(ckpt_dir) / "meta.json").read_text())["loss_history"]
+            size = measured_size(Path(ckpt_dir))
         log.warning("resumed %s trial at epoch %d from %s", trial.name, start, checkpoint.path)
     refuse_known_divergence(cfg, lr)
+    saves = [e for e in range(start, epochs + 1) if trial.saves(e, cfg)]
+    space = plan_space(state.model, size, cfg.train.keep_resume_state, saves)  # warns if they will not fit
 
     for epoch in range(start, epochs + 1):
         save = trial.saves(epoch, cfg)
@@ -271,6 +276,7 @@ def _run_trial(
         }
         meta = checkpoint_meta(epoch, cfg, data, lr, device, history)
         state.placement.synchronize()  # every copy home has landed before the weights are read
+        space.before_write(epoch)  # a checkpoint that cannot fit stops the trial before it is written
         with tempfile.TemporaryDirectory(prefix="redheart-ckpt-") as tmp:
             ckpt_dir = write_checkpoint(
                 Path(tmp) / f"epoch_{epoch:04d}",
@@ -280,6 +286,7 @@ def _run_trial(
                 resume_state=resume_state(state, epoch),  # the driver prunes older copies (ResumeStatePruner)
             )
             written = write_timing(ckpt_dir)  # also logged: "checkpoint N: wrote X GB in Y s, hashed in Z s"
+            space.size = measured_size(ckpt_dir)
             metrics["checkpoint_gb"] = written["bytes"] / 1e9
             metrics["checkpoint_write_s"] = written["write_s"]
             metrics["checkpoint_hash_s"] = written["hash_s"]
