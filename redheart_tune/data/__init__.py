@@ -146,7 +146,7 @@ def prepare_holdout(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = T
     It is its own ``EncodedData`` with its own fingerprint: training never reads it, so the training
     data's fingerprint (and every checkpoint made with it) does not depend on it.  Its texts are encoded
     into the same cache as the training data's (once; a later call reads them from disk; with
-    ``show_progress`` the first says so, with its size and an estimate).  ``tune.data.background``
+    ``show_progress`` the first says so, with its size and an estimate).  ``redheart_tune.data.background``
     encodes it in another process while the trials run.
     """
     found = _holdout(cfg, Path(cache_dir))

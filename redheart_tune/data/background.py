@@ -4,10 +4,10 @@
     ...                                                 # the sweep or the training runs
     print(job.state())                                  # finished, failed (see its log) or still running
 
-The driver starts it once its own data is encoded (``analysis.stages``); the child runs
+The driver starts it once its own data is encoded (``redheart_tune.pipeline.stages``); the child runs
 ``prepare_holdout`` with one torch thread, at a lower priority (``nice``) and without the GPU (the
 trials' memory plans count on the card), and writes its lines to a log in the cache.  The encoding
-cache's lock (``tune.data.encoding``) does the rest: a command that needs the held-out set before the
+cache's lock (``redheart_tune.data.encoding``) does the rest: a command that needs the held-out set before the
 child is done waits for it, and says so, instead of encoding it a second time; a child killed half-way
 leaves nothing that is ever read.
 
@@ -32,7 +32,7 @@ from .encoding import encoding_holder
 from .errors import DataError
 
 if TYPE_CHECKING:
-    from tune.config import DataConfig
+    from redheart_tune.config import DataConfig
 
 
 @dataclass
@@ -107,7 +107,7 @@ def start_holdout_encoding(cfg: DataConfig, cache_dir: Path) -> HoldoutJob | Non
 
 def main(argument: str) -> None:
     """The child: ``prepare_holdout`` of the data settings in ``argument`` (JSON: data, cache_dir)."""
-    from tune.config import DataConfig
+    from redheart_tune.config import DataConfig
 
     if hasattr(os, "nice"):  # POSIX: the trials come first
         os.nice(10)

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from tune.files import write_json_atomic
+from redheart_tune.util.files import write_json_atomic
 
 from .errors import DataError
 
