@@ -163,7 +163,8 @@ def holdout_uncached(cfg: DataConfig, cache_dir: Path) -> int:
     found = _holdout(cfg, Path(cache_dir))
     if found is None:
         return 0
-    return uncached_count(found[0].texts, encoder=cfg.encoder, max_tokens=cfg.max_tokens, cache_dir=cache_dir)
+    texts = found[0].texts
+    return uncached_count(texts, encoder=cfg.encoder, max_tokens=cfg.max_tokens, cache_dir=Path(cache_dir))
 
 
 def _holdout(cfg: DataConfig, cache_dir: Path) -> tuple[RawData, dict, LoadReport | None] | None:

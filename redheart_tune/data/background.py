@@ -69,11 +69,11 @@ def start_holdout_encoding(cfg: DataConfig, cache_dir: Path) -> HoldoutJob | Non
     cache_dir = Path(cache_dir)
     try:
         count = holdout_uncached(cfg, cache_dir)
-        holder = encoding_holder(encoder=cfg.encoder, max_tokens=cfg.max_tokens, cache_dir=cache_dir)
     except DataError:
         return None
-    if count == 0:
+    if count == 0:  # (a cache carried read-only to another machine has no lock to look at)
         return None
+    holder = encoding_holder(encoder=cfg.encoder, max_tokens=cfg.max_tokens, cache_dir=cache_dir)
     if holder and holder.get("label") == HOLDOUT_LABEL:
         print(f"[data] {HOLDOUT_LABEL} is being encoded already, by pid {holder['pid']} on {holder['host']}")
         return None
@@ -118,9 +118,8 @@ def main(argument: str) -> None:
     cfg = DataConfig(**{**given["data"], "split": tuple(given["data"]["split"])})
     started = time.perf_counter()
     held = prepare_holdout(cfg, Path(given["cache_dir"]), show_progress=True)
-    print(
-        f"[data] {HOLDOUT_LABEL}: {0 if held is None else len(held):,} texts ready in {time.perf_counter() - started:.1f} s"
-    )
+    took = time.perf_counter() - started
+    print(f"[data] {HOLDOUT_LABEL}: {0 if held is None else len(held):,} texts ready in {took:.1f} s")
 
 
 if __name__ == "__main__":
