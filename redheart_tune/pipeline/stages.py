@@ -31,6 +31,7 @@ from redheart_tune.analysis.figures import learning_curves_figure, lr_sweep_figu
 from redheart_tune.analysis.sweet_spots import SweetSpotError
 from redheart_tune.config import Config, ConfigError, RunConfigSection, cache_dir, is_uri
 from redheart_tune.data import DataError, prepare_data
+from redheart_tune.data.background import HoldoutJob, start_holdout_encoding
 from redheart_tune.engine.checkpoints import CheckpointError
 from redheart_tune.engine.memory import PlanError, cpu_budget, plan_for, planning_budget
 from redheart_tune.layout import (
@@ -72,9 +73,10 @@ USER_ERRORS = (
 )
 
 
-def _prepare(cfg: Config) -> None:
+def _prepare(cfg: Config) -> HoldoutJob | None:
     """Fetch, validate and encode the data in the driver, with a progress bar, before any trial starts;
-    check that the model fits its memory budget (a plan that cannot fit fails here, not in a trial)."""
+    check that the model fits its memory budget (a plan that cannot fit fails here, not in a trial).
+    Start encoding the held-out set in the background, for ``report`` (None: nothing to encode)."""
     data = prepare_data(cfg.data, cache_dir(cfg), show_progress=True)
     print(f"[data] {data.summary()}")
     on_gpu = cfg.resources.gpu > 0 and (bool(cluster_address(cfg)) or torch.cuda.is_available())
@@ -87,6 +89,7 @@ def _prepare(cfg: Config) -> None:
             f"{(plan.peak_bytes + plan.context_bytes) / 2**30:.2f} GiB, {plan.transfer_bytes_per_step / 2**30:.2f} "
             "GiB moved per optimizer step (python run.py params prints the plan)"
         )
+    return start_holdout_encoding(cfg.data, cache_dir(cfg))
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -95,7 +98,7 @@ def _table(df: pd.DataFrame) -> str:
 
 def sweep_stage(cfg: Config) -> SweepResult:
     """Run (or finish, or reuse) the sweep, draw its figure, print every candidate's score."""
-    _prepare(cfg)
+    holdout = _prepare(cfg)
     sweep = run_sweep(cfg)
     fig = lr_sweep_figure(sweep.rows(), sweep.best.lr, sweep_outputs_dir(cfg) / "lr_sweep.png")
     publish(cfg, sweep_outputs_dir(cfg))
@@ -105,12 +108,14 @@ def sweep_stage(cfg: Config) -> SweepResult:
         final_acc = c.history["val_acc"].iloc[-1]
         print(f"    lr {c.lr:.2e}: score {c.score:.4f}  final val acc {final_acc:.3f}  ({c.trial}){mark}")
     print(f"[sweep] chosen LR: {sweep.best.lr:.2e}  -> {best_lr_path(cfg)}\n[sweep] figure: {fig}")
+    if holdout is not None:
+        print(holdout.state())
     return sweep
 
 
 def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False) -> None:
     """Train (or reuse, or resume) at ``cfg.optim.lr``, then draw the learning curves."""
-    _prepare(cfg)
+    holdout = _prepare(cfg)
     results = run_train(cfg, lr_source, resume_unfinished=resume_unfinished)
     # From Tune's records, not the checkpoint files (a remote run's weights stay where they are).
     epochs = dedupe_epochs(results[0].metrics_dataframe)
@@ -122,6 +127,8 @@ def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False)
     print(
         f"[train] finished: {results[0].path}\n[train] {len(checkpoints)} checkpoints; learning curves: {fig}"
     )
+    if holdout is not None:
+        print(holdout.state())
 
 
 def resume_stage(where: str | Path, overrides: list[str] | None = None) -> None:
