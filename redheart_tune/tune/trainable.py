@@ -8,7 +8,6 @@ and lines up with Tune's ``training_iteration``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import tempfile
@@ -119,7 +118,7 @@ def _run_trial(
 ) -> None:
     assert stage in STAGES, stage
     if "seed" in params:  # one trial of several seeds' training (all --seeds N)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=int(params["seed"])))
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": int(params["seed"])})})
     # The training run's LR is its config's (a resume may lower it after a NaN); the sweep's is the trial's.
     lr = cfg.optim.lr if stage == "train" else float(params["lr"])
     epochs = cfg.sweep.epochs if stage == "sweep" else cfg.train.epochs
