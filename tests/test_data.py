@@ -10,7 +10,6 @@ import logging
 import math
 import sys
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +142,9 @@ def test_missing_file_says_which_key_to_set(tmp_path):
     cfg = DataConfig(source="redheart", path=str(tmp_path / "nope.json"))
     with pytest.raises(DataError, match="data.path"):
         prepare_data(cfg, tmp_path / "cache", show_progress=False)
+    unchecked = DataConfig.model_construct(source="redheart", path=None)  # the config itself refuses it
     with pytest.raises(DataError, match="needs data.path"):
-        prepare_data(DataConfig(source="redheart", path=None), tmp_path / "cache", show_progress=False)
+        prepare_data(unchecked, tmp_path / "cache", show_progress=False)
 
 
 def test_skip_mode_counts_and_reports(tmp_path, caplog):
@@ -471,9 +471,12 @@ def test_prepare_holdout_is_its_own_data_and_leaves_the_fingerprint_alone(data_c
     assert held.fingerprint != data.fingerprint
     assert "held-out set of 12 records: the 23,303 outside the data.max_samples draw" in held.summary()
     # Training's data does not depend on the held-out settings: the same fingerprint with or without it.
-    for changed in (replace(cfg, holdout=False), replace(cfg, holdout_max_samples=None)):
+    for changed in (
+        cfg.model_copy(update={"holdout": False}),
+        cfg.model_copy(update={"holdout_max_samples": None}),
+    ):
         assert prepare_data(changed, data_cache, show_progress=False).fingerprint == data.fingerprint
-    assert prepare_holdout(replace(cfg, holdout=False), data_cache, show_progress=False) is None
+    assert prepare_holdout(cfg.model_copy(update={"holdout": False}), data_cache, show_progress=False) is None
     whole = DataConfig(source="redheart", path=str(SAMPLE), max_samples=None, max_tokens=16)
     assert prepare_holdout(whole, data_cache, show_progress=False) is None  # the draw kept every record
 
@@ -703,7 +706,9 @@ def test_fingerprint_covers_encoder_max_tokens_texts_and_targets(tmp_path, monke
     cfg = DataConfig(source="redheart", path=str(SAMPLE), max_samples=None, max_tokens=16)
 
     def fingerprint(**changes) -> str:
-        return prepare_data(replace(cfg, **changes), tmp_path / "cache", show_progress=False).fingerprint
+        return prepare_data(
+            cfg.model_copy(update=changes), tmp_path / "cache", show_progress=False
+        ).fingerprint
 
     base = fingerprint()
     assert fingerprint() == base
@@ -723,5 +728,7 @@ def test_a_sample_cap_says_how_many_records_it_kept(tmp_path):
     cfg = DataConfig(source="redheart", path=str(_write(tmp_path, many)), max_samples=10, max_tokens=16)
     capped = prepare_data(cfg, tmp_path / "cache", show_progress=False)
     assert "redheart: 10 of 12 records used (data.max_samples);" in capped.summary()
-    whole = prepare_data(replace(cfg, max_samples=None), tmp_path / "cache", show_progress=False)
+    whole = prepare_data(
+        cfg.model_copy(update={"max_samples": None}), tmp_path / "cache", show_progress=False
+    )
     assert whole.summary().startswith("redheart: 12 records; split train ")

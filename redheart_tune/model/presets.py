@@ -7,9 +7,12 @@ sizes from the data set's TaskSpecs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
+
+from redheart_tune.model.groups import MODULE_TASK
 from redheart_tune.model.tasks import TASKS
 
 
@@ -204,13 +207,31 @@ TOTAL_730M: tuple[int, int] = (722_000_000, 738_000_000)
 """Accepted range of redheart-730m's total (the original logged 722.8M and 730.5M)."""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+def _number(value: Any) -> Any:
+    # PyYAML reads 1e-5 (an exponent without a dot) as a string: one that spells a number is that number.
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+Float = Annotated[float, Strict(), BeforeValidator(_number)]
+"""A config number: an int, or a string that spells a number, becomes a float; a bool is refused."""
+
+FusedModule = Literal[tuple(m for m, task in MODULE_TASK.items() if task is not None)]
+"""The modules that predict a task, so have a weight in its fused prediction."""
+
+
+class ModelConfig(BaseModel):
+    """The ``model`` section of the config (redheart_tune/config.py): which preset, with what dropout and fusion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
     preset: Literal["tiny", "mid", "redheart-730m"] = "tiny"
     """Size preset; see PRESETS."""
-    dropout: float = 0.1
+    dropout: Float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout everywhere (kept low on purpose: overfitting is induced, and the sweet-spot analysis finds where)."""
-    fusion_weights: dict[str, float] = field(default_factory=dict)
+    fusion_weights: dict[FusedModule, Annotated[Float, Field(ge=0.0)]] = {}
     """Weight of a module in its task's fused prediction (module key -> weight; missing keys weigh 1)."""
 
     @property

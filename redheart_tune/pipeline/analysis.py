@@ -13,7 +13,6 @@ look at a big run) and writes only under ``out_dir``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -196,10 +195,8 @@ def evaluate_all(
             f"but the data here is {data.fingerprint[:12]}; evaluate with the run's own data settings"
         )
     if holdout == "config":
-        wanted = dataclasses.replace(
-            stored.data,
-            holdout=current.data.holdout,
-            holdout_max_samples=current.data.holdout_max_samples,
+        wanted = stored.data.model_copy(
+            update={"holdout": current.data.holdout, "holdout_max_samples": current.data.holdout_max_samples}
         )
         holdout = prepare_holdout(wanted, cache_dir(stored), show_progress=show_progress)
     if holdout is not None:

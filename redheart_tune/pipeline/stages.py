@@ -16,7 +16,6 @@ checkpoints, selection, evaluation): run.py prints them as one message.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +146,10 @@ def resume_stage(where: str | Path, overrides: list[str] | None = None) -> None:
     with run_lock(path.parent, path.parent.name) if _stored_record(path) else contextlib.nullcontext():
         cfg, stage = resume_config(path, list(overrides or []))
         if not located:  # a local run directory, wherever it is now: <output_root>/<run.name>/<stage>
-            run = dataclasses.replace(cfg.run, output_root=str(path.parent.parent), name=path.parent.name)
-            cfg = dataclasses.replace(cfg, run=run)
+            run = cfg.run.model_copy(
+                update={"output_root": str(path.parent.parent), "name": path.parent.name}
+            )
+            cfg = cfg.model_copy(update={"run": run})
         print(f"[resume] {stage} experiment {where}")
         if stage == "sweep":
             sweep_stage(cfg)

@@ -7,7 +7,6 @@ so the experiment's stored config says which LR it really used.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 from datetime import datetime, timezone
@@ -48,7 +47,7 @@ and the seed.  Any other difference between a sweep and a training run makes its
 
 def with_lr(cfg: Config, lr: float) -> Config:
     """``cfg`` with ``optim.lr`` set to the peak LR the training really uses."""
-    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=float(lr)))
+    return cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": float(lr)})})
 
 
 def read_best_lr(path: Path) -> tuple[float, dict]:

@@ -12,7 +12,6 @@ Epochs count from 1, so epoch 2k is checkpoint k and lines up with Tune's ``trai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import tempfile
@@ -179,7 +178,7 @@ def _run_trial(
     sizes: dict,
 ) -> None:
     if "seed" in params:  # one trial of several seeds' training (all --seeds N)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=int(params["seed"])))
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": int(params["seed"])})})
     lr, epochs = trial.lr(params, cfg), trial.epochs(cfg)
     # Steps, samples/s and ETAs inside each epoch: the console line, live_progress.json, TensorBoard.
     directory, upload_lag_s = trial_files()
