@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("tune", "model", "analysis")
+PACKAGES = ("redheart_tune",)
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
@@ -37,7 +37,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md", "run.py"):
         shutil.copy2(REPO / name, src / name)
-    for folder in (*PACKAGES, "configs"):
+    for folder in PACKAGES:  # the configs ship inside the package (configs/ at the root links to them)
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = src / "dist"
     build = ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."]
@@ -56,16 +56,18 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
 
 def test_the_wheel_ships_every_module_and_config(wheel):
     names = set(wheel.namelist())
-    missing = (source_files("*.py", *PACKAGES) | source_files("*.yaml", "configs") | {"run.py"}) - names
+    missing = (source_files("*.py", *PACKAGES) | source_files("*.yaml", *PACKAGES)) - names
     assert not missing, f"left out of the wheel: {sorted(missing)}"
     assert "redheart_tune/engine/memory/__init__.py" in names  # the package a hand-written list once forgot
-    assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "docs/"))]
+    assert "redheart_tune/configs/default.yaml" in names
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"redheart_tune"}, f"the wheel installs more than one top-level name: {sorted(tops)}"
 
 
 def test_the_wheel_declares_the_console_script(wheel):
     (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
     text = wheel.read(entry_points).decode()
-    assert "[console_scripts]" in text and "redheart-tune = run:main" in text
+    assert "[console_scripts]" in text and "redheart-tune = redheart_tune.cli:main" in text
 
 
 def normalized(name: str) -> str:
@@ -86,7 +88,7 @@ def test_every_third_party_import_is_a_declared_dependency():
         *(r for extra in project["optional-dependencies"].values() for r in extra),
     ]
     declared = {normalized(re.match(r"[A-Za-z0-9_.-]+", req).group()) for req in requirements}
-    first_party = {*PACKAGES, "run"}
+    first_party = {*PACKAGES, "benchmarks", "tests"}
     imported: dict[str, str] = {}
     for rel in sorted(source_files("*.py", *PACKAGES) | {"run.py"}):
         for node in ast.walk(ast.parse((REPO / rel).read_text(encoding="utf-8"))):
