@@ -13,7 +13,6 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ def cache(tmp_path, data_cache) -> Path:
 def _cfg(**changes) -> DataConfig:
     """The smoke config's data settings with a tiny held-out set (its max_tokens, 20, is no other test's)."""
     base = DataConfig(max_samples=400, split=(0.7, 0.15, 0.15), max_tokens=20, holdout_max_samples=40)
-    return replace(base, **changes)
+    return base.model_copy(update=changes)
 
 
 def _root(cache: Path, max_tokens: int) -> Path:
@@ -179,7 +178,7 @@ def test_an_encoder_killed_half_way_leaves_nothing_that_is_read(tmp_path):
 
 def test_the_stages_encode_the_held_out_set_in_the_background(cache, capsys, monkeypatch):
     cfg = _cfg(holdout_max_samples=24)
-    assert start_holdout_encoding(replace(cfg, holdout=False), cache) is None
+    assert start_holdout_encoding(cfg.model_copy(update={"holdout": False}), cache) is None
     assert capsys.readouterr().out == ""
     job = start_holdout_encoding(cfg, cache)
     assert job is not None and job.count == 24

@@ -17,7 +17,6 @@ it); an interrupt from the terminal (Ctrl-C) stops it with the driver.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -89,7 +88,7 @@ def start_holdout_encoding(cfg: DataConfig, cache_dir: Path) -> HoldoutJob | Non
         "CUDA_VISIBLE_DEVICES": "",
         "TQDM_MININTERVAL": "30",  # a progress line in the log every 30 s, not ten a second
     }
-    argument = json.dumps({"data": dataclasses.asdict(cfg), "cache_dir": str(cache_dir)})
+    argument = json.dumps({"data": cfg.model_dump(mode="json"), "cache_dir": str(cache_dir)})
     with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", __name__, argument],
@@ -115,7 +114,7 @@ def main(argument: str) -> None:
 
     torch.set_num_threads(1)
     given = json.loads(argument)
-    cfg = DataConfig(**{**given["data"], "split": tuple(given["data"]["split"])})
+    cfg = DataConfig.model_validate(given["data"])
     started = time.perf_counter()
     held = prepare_holdout(cfg, Path(given["cache_dir"]), show_progress=True)
     took = time.perf_counter() - started
