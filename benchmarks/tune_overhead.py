@@ -1,7 +1,7 @@
 """Tune overhead: the same epochs in a bare loop and through Ray Tune, in one run; prints the ratio.
 
     python benchmarks/tune_overhead.py                       # default config, 6 epochs, 4000 samples
-    python benchmarks/tune_overhead.py --epochs 10           # the README's figure
+    python benchmarks/tune_overhead.py --epochs 10           # the figure in docs/benchmarks.md
     python benchmarks/tune_overhead.py --epochs 4 --samples 2000
 
 Both sides train the same model on the same data with the same seed and

@@ -172,7 +172,7 @@ def user_error(exc: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    ask_for_token_auth()  # Ray 2.60's token authentication, on without its warning (README, "Ray's token")
+    ask_for_token_auth()  # Ray 2.60's token authentication, on without its warning (docs/monitoring.md)
     plain_ray_output()  # no colour codes in a log file; both read by Ray at import (redheart_tune/util/console.py)
     try:
         if getattr(ns, "dashboard", False):  # Ray starts now, with its dashboard; the stages then use it

@@ -141,7 +141,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
     proc.wait()
     # Ray's head processes share the driver's fate; its two idle node agents may not, so clear what is
-    # left of the dead driver's process group before going on (README: "After a crash").
+    # left of the dead driver's process group before going on (docs/limits.md).
     _kill_group(proc.pid)
     assert 6 not in checkpoints_of(exp), "the run finished before it was killed; the test proves nothing"
 

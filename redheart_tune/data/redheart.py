@@ -1,6 +1,6 @@
 """Loader for the user's Red Heart JSON records (``data.source: redheart``).
 
-The file is a JSON list of records (README, "Your own data: the Red Heart format";
+The file is a JSON list of records (docs/data.md, "the Red Heart format";
 an example is tests/data/redheart_sample.json)::
 
     {"id": "...", "text": "...", "title": "...", "action": "...", "label": "OTHER",

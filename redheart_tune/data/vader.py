@@ -39,7 +39,7 @@ r < 0, r = 0, r > 0):
 Each task carries its own signal: emotion the polarity, bentham its strength and
 the raters' agreement, regret the dissent below the consensus (a signal of its
 own, |r| <= 0.49 with every other target), surd the source.  The correlations
-(``target_correlations``) over all 23,703 sentences are in the README.  (Earlier
+(``target_correlations``) over all 23,703 sentences are in docs/data.md.  (Earlier
 versions made regret emotion's negative share: the same number twice.)
 
 In numbers (3.3.2): 23,703 sentences (tweets 4,200, movies 10,605, amazon 3,708,
@@ -372,7 +372,7 @@ def target_columns(data: RawData) -> dict[str, np.ndarray]:
 
 
 def target_correlations(data: RawData) -> pd.DataFrame:
-    """Pearson correlation of every pair of ``target_columns`` (the README's table)."""
+    """Pearson correlation of every pair of ``target_columns`` (the table in docs/data.md)."""
     import pandas as pd
 
     columns = target_columns(data)

@@ -404,5 +404,5 @@ def load_resume_state(directory: Path) -> dict:
 
 
 def checkpoint_bytes(directory: Path) -> dict[str, int]:
-    """Bytes per file of a checkpoint (for the README's size table)."""
+    """Bytes per file of a checkpoint (for the size table in docs/results.md)."""
     return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.is_file()}
