@@ -186,8 +186,13 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint_bit_identically(tm
     workers = [p for p in _ray_processes() if os.getsid(p) == proc.pid and "ImplicitFunc" in _cmdline(p)]
     assert len(workers) == 1, [(p, _cmdline(p)) for p in workers]
     os.kill(workers[0], signal.SIGKILL)
+    assert 6 not in checkpoints_of(exp), "the trial finished before it was killed; the test proves nothing"
     out = _finish(proc)
-    assert "resumed train trial at epoch 5" in out  # restarted from checkpoint 4, not from scratch
+    # Restarted from a checkpoint, not from scratch. Usually checkpoint 4; checkpoint 2 when the kill came
+    # after the worker had written checkpoint 4 but before the driver had taken its report (Tune restores
+    # the newest checkpoint the driver knows). Either way the end must be bit-identical.
+    resumed = re.findall(r"resumed train trial at epoch (\d+)", out)
+    assert resumed in (["5"], ["3"]), (resumed, out[-3000:])
     ref, cut = checkpoints_of(ref_root / "smoke" / "train"), checkpoints_of(exp)
     assert sorted(ref) == sorted(cut) == [2, 4, 6]
     a, b = load_model_state(ref[6]), load_model_state(cut[6])
