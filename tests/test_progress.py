@@ -24,6 +24,7 @@ from redheart_tune.engine.progress import (
     Progress,
     estimate,
     format_seconds,
+    startup_line,
     step_memory,
 )
 from redheart_tune.pipeline.status import (
@@ -127,6 +128,31 @@ class Clock:
 
     def __call__(self):
         return self.t
+
+
+def test_the_first_epoch_ends_with_what_the_trials_start_cost(tmp_path, capsys):
+    """The set-up phases, and the first step's excess over the median of the epoch's later steps (the
+    GPU's first-epoch cost: CUDA's initialisation, moments allocated and page-locked), once per trial."""
+    clock = Clock()
+    progress = Progress(tmp_path / "t", stage="train", lr_peak=1e-3, epochs=3, print_every_s=0, clock=clock)
+    progress.placement = SimpleNamespace(home_bytes=3 * 2**30, home_s=4.5)
+    progress.started_after({"device": 1.5, "data": 0.5, "model": 2.0, "plan": 0.25, "placement": 6.0})
+    elapsed = 0.0
+    for epoch in (3, 4):  # a resumed trial: its first epoch is 3
+        for i, step_s in enumerate([9.0, 1.0, 1.2, 0.9] if epoch == 3 else [1.0] * 4, start=1):
+            elapsed = step_s + (elapsed if i > 1 else 0.0)
+            clock.t += step_s
+            progress.step(StepInfo(epoch, i, 4, 32, 0.5, 1e-3, 1.2, elapsed))
+        progress.end_epoch(epoch)
+    s = progress.startup
+    assert s["first_step_s"] == 9.0 and s["typical_step_s"] == 1.0 and s["first_step_extra_s"] == 8.0
+    assert s["total_s"] == pytest.approx(10.25 + 8.0)
+    (line,) = capsys.readouterr().out.strip().splitlines()  # printed once, after the first epoch only
+    assert line == startup_line("train", s)
+    assert line == (
+        "[train] start-up cost 18 s: set-up (device 1.5 s, data 0.5 s, model 2.0 s, plan 0.2 s, placement 6.0 s);"
+        " first step 9.0 s against 1.0 s for the later ones; home buffers 3.00 GiB allocated in 4.5 s"
+    )
 
 
 def test_progress_prints_by_the_clock_writes_the_file_and_one_scalar_per_step(tmp_path, capsys):

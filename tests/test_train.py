@@ -75,6 +75,8 @@ def test_six_epochs_through_tune_leave_checkpoints_2_4_6(smoke_cfg, ray_session)
 
     df = results[0].metrics_dataframe
     assert list(df["epoch"]) == [1, 2, 3, 4, 5, 6]
+    # what the trial's start cost, reported with its first epoch only
+    assert df["startup_s"].iloc[0] > 0 and df["startup_s"].iloc[1:].isna().all()
     assert (exp / "session_info.json").is_file() and (exp / "session_info_final.json").is_file()
     split = json.loads((exp / "split.json").read_text())  # the split, every record id, recorded with the run
     assert split["fingerprint"] == info.meta["data_fingerprint"]

@@ -145,6 +145,7 @@ class TrainingState:
     loss_weights: dict[str, float] = field(default_factory=dict)
     pad_multiple: int = 1  # a forward pass's tokens are padded to a multiple of this (few shapes)
     max_tokens: int | None = None
+    setup_s: dict[str, float] = field(default_factory=dict)  # build_training's phases: model, plan, placement
 
     def state_dict(self) -> dict:
         """Everything but the weights that a resume needs to continue bit for bit: each unit's AdamW,
@@ -212,17 +213,21 @@ def build_training(
     if device.type == "cuda" and budget is None:
         raise ValueError("a CUDA trial needs its measured budget (tune.memory.trial_budget)")
     budget = budget or cpu_budget(cfg.memory)
+    setup_s, t = {}, time.perf_counter()
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, data.tasks, data.input_dim)  # on the CPU; the placement moves it
     optimizers = {
         unit: torch.optim.AdamW(unit_param_groups(model, unit, cfg.optim.weight_decay), lr=lr)
         for unit in UNITS
     }
+    setup_s["model"], t = time.perf_counter() - t, time.perf_counter()
     plan, sizes = plan_for(cfg, data.tasks, data.input_dim, device=device.type, budget=budget)
+    setup_s["plan"], t = time.perf_counter() - t, time.perf_counter()
     dsm = SwapManager(cfg.memory.target, budget.bytes) if cfg.memory.dsm and plan.device != "cpu" else None
     placement = Placement(
         model, optimizers, plan, sizes, device, budget, pin_memory=cfg.memory.pin_memory, dsm=dsm
     )
+    setup_s["placement"] = time.perf_counter() - t  # resident units to the device, home buffers (pinned)
     batches = num_batches(data, "train", cfg.optim.batch_size)
     steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum)
     total = steps_per_epoch * epochs
@@ -255,6 +260,7 @@ def build_training(
         loss_weights=loss_weights(dict(cfg.optim.task_weights)),
         pad_multiple=cfg.optim.pad_multiple,
         max_tokens=cfg.data.max_tokens,
+        setup_s=setup_s,
     )
 
 

@@ -151,6 +151,11 @@ class Progress:
         self.last_step_s = 0.0  # its StepInfo.seconds
         self.record: dict = {"state": "starting", "epoch": None, "step": 0}
         self.writer = None  # TensorBoard's, opened at the first step (it needs the global step)
+        self.setup_s: dict[str, float] = {}  # the trial's set-up phases before its first step (``started``)
+        self.first_epoch: int | None = None  # the first epoch this trial ran, and its step times
+        self.first_steps: list[float] = []
+        self.placement = None  # the hooked training state's, for its home buffers' bytes and seconds
+        self.startup: dict | None = None  # set at the end of the first epoch (``startup_line``)
         self._write()
 
     # -- the three consumers ------------------------------------------------
@@ -158,10 +163,17 @@ class Progress:
     def hook(self, placement):
         """``train_epoch``'s ``on_step`` for a training state whose memory records are ``placement``'s."""
 
+        self.placement = placement
+
         def on_step(info: StepInfo) -> None:
             self.step(info, step_memory(placement, info.epoch, info.step))
 
         return on_step
+
+    def started_after(self, phases: dict[str, float]) -> None:
+        """The set-up the trial did before its first step: phase -> seconds (data, model, plan, placement,
+        restore).  The first epoch's end reports it with the first step's excess (``startup_line``)."""
+        self.setup_s = dict(phases)
 
     def step(self, info: StepInfo, memory: tuple[int | None, int] = (None, 0)) -> None:
         """After an optimizer step: the scalars every step, the file and the console line by the clock."""
@@ -171,6 +183,10 @@ class Progress:
             self.writer = self._open_writer(global_step)
         step_s = info.seconds - (self.last_step_s if info.step > 1 else 0.0)
         self.last_step_at, self.last_step_s = t, info.seconds
+        if self.first_epoch is None:
+            self.first_epoch = info.epoch
+        if info.epoch == self.first_epoch:
+            self.first_steps.append(step_s)
         rows = self.record.get("rows", 0) + info.rows if info.step > 1 else info.rows
         est = estimate(
             step=info.step,
@@ -218,6 +234,9 @@ class Progress:
         if self.last_step_at is None or self.record.get("epoch") != epoch:
             return
         validation_s = self.clock() - self.last_step_at
+        if epoch == self.first_epoch and self.startup is None and self.setup_s:
+            self.startup = self._startup()
+            print(startup_line(self.stage, self.startup), flush=True)
         self.train_s.append(self.last_step_s)
         self.validation_s.append(validation_s)
         val_mean = _mean(self.validation_s)
@@ -234,6 +253,25 @@ class Progress:
             self.close("finished")
         else:
             self._write()
+
+    def _startup(self) -> dict:
+        """What the trial's start cost beyond its steps' pace: the set-up phases, and the first step's
+        time over the median of the first epoch's later ones (CUDA's and cuDNN's initialisation, the
+        streamed units' moments allocated and page-locked, the allocator's first growth)."""
+        steps = self.first_steps
+        later = sorted(steps[1:])
+        typical = later[len(later) // 2] if later else None
+        extra = max(0.0, steps[0] - typical) if steps and typical is not None else 0.0
+        home_bytes = getattr(self.placement, "home_bytes", 0)
+        return {
+            "setup_s": self.setup_s,
+            "first_step_s": steps[0] if steps else None,
+            "typical_step_s": typical,
+            "first_step_extra_s": extra,
+            "home_gib": home_bytes / 2**30,
+            "home_s": getattr(self.placement, "home_s", 0.0),
+            "total_s": sum(self.setup_s.values()) + extra,
+        }
 
     def close(self, state: str = "finished") -> None:
         """The trial's end (``state``: finished, diverged): the last record, every event on disk."""
@@ -282,6 +320,21 @@ class Progress:
         )
         if self.writer is not None:
             self.writer.flush()
+
+
+def startup_line(stage: str, startup: dict) -> str:
+    """One line on what a trial's start cost: its set-up phases, the first step's excess over the later
+    steps, and the CPU home buffers it page-locked (in the set-up and in the first step)."""
+    phases = ", ".join(f"{name} {format_seconds(s)}" for name, s in startup["setup_s"].items())
+    line = f"[{stage}] start-up cost {format_seconds(startup['total_s'])}: set-up ({phases})"
+    if startup["typical_step_s"] is not None:
+        line += (
+            f"; first step {format_seconds(startup['first_step_s'])} against"
+            f" {format_seconds(startup['typical_step_s'])} for the later ones"
+        )
+    if startup["home_gib"] > 0:
+        line += f"; home buffers {startup['home_gib']:.2f} GiB allocated in {format_seconds(startup['home_s'])}"
+    return line
 
 
 def _mean(values: list[float]) -> float | None:

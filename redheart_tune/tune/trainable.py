@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -194,12 +195,17 @@ def _run_trial(
     torch.set_num_threads(threads)
     import ray
 
+    t = time.perf_counter()
     configure_allocator()  # before the first CUDA allocation of this worker
     device = trial_device(ray.get_gpu_ids())
-    budget = trial_budget(cfg, device, cfg.resources.gpu)
+    budget = trial_budget(cfg, device, cfg.resources.gpu)  # on a GPU: CUDA's context, measured
+    setup_s = {"device": time.perf_counter() - t}
+    t = time.perf_counter()
     if data is None:
         data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
+    setup_s["data"] = time.perf_counter() - t
     state = build_training(cfg, data, lr, epochs, device, budget=budget)
+    setup_s.update(state.setup_s)
     sizes["checkpoint"] = checkpoint_sizes(state.model)
     if state.placement.managed:
         log.warning(
@@ -217,11 +223,14 @@ def _run_trial(
     if checkpoint is None and resume_from is not None:  # Tune's record was lost; tune.recovery chose this one
         checkpoint = Checkpoint.from_directory(resume_from)
     if checkpoint is not None:
+        t = time.perf_counter()
         with checkpoint.as_directory() as ckpt_dir:
             start = restore(state, Path(ckpt_dir), cfg, data) + 1
             history = json.loads((Path(ckpt_dir) / "meta.json").read_text())["loss_history"]
             size = measured_size(Path(ckpt_dir))
+        setup_s["restore"] = time.perf_counter() - t
         log.warning("resumed %s trial at epoch %d from %s", trial.name, start, checkpoint.path)
+    progress.started_after(setup_s)
     refuse_known_divergence(cfg, lr)
     saves = [e for e in range(start, epochs + 1) if trial.saves(e, cfg)]
     space = plan_space(state.model, size, cfg.train.keep_resume_state, saves)  # warns if they will not fit
@@ -253,6 +262,9 @@ def _run_trial(
         history["val"].append(val.loss)
         metrics = epoch_metrics(epoch, tr, val, device, cfg, history, lr, data.tasks)
         metrics.update(memory_metrics(state, tr))
+        if epoch == start and progress.startup is not None:  # what this trial's start cost, once
+            metrics["startup_s"] = progress.startup["total_s"]
+            metrics["first_step_extra_s"] = progress.startup["first_step_extra_s"]
         metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which node of a cluster ran it
         if not save:
             report(metrics)

@@ -23,6 +23,7 @@ CPU-only trial's measure of use; a GPU's allocator measures itself).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -71,6 +72,7 @@ class Placement:
                 prefetch_at=placement.prefetch_at,
             )
         self.meter = Meter(device, self._on_device_bytes, lambda: self.budget.context_bytes)
+        self.home_bytes, self.home_s = 0, 0.0  # CPU home buffers allocated so far, and the time they took
         self._context_checked = device.type != "cuda"
         self._place_initially()
 
@@ -102,6 +104,17 @@ class Placement:
         self.meter.reset_peak()
 
     def _home_buffer(self, numel: int) -> torch.Tensor:
+        """A CPU buffer for a streamed unit's weights or one moment, page-locked where ``pin``: allocated
+        once per unit (its weights at set-up, its moments at its first step).  Counted in ``home_bytes``
+        and ``home_s``: page-locking gigabytes takes seconds, paid in the first epoch."""
+        t = time.perf_counter()
+        try:
+            return self._allocate_home(numel)
+        finally:
+            self.home_bytes += 4 * numel
+            self.home_s += time.perf_counter() - t
+
+    def _allocate_home(self, numel: int) -> torch.Tensor:
         if self.pin:
             try:
                 return page_locked(numel)
