@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
-# The GPU check of the training step, as one script that runs as is in one call (about 6 minutes on an H200):
-#   1. benchmarks/memory_gpu.py --quick at the spec's shape (64 rows x 128 tokens per optimizer step, bf16):
-#      resident (no cap), stream (8 GiB cap), torchao's CPU offload (8 GiB cap); then one stream step profiled
-#      (top operators by CUDA time), untimed;
-#   2. the CUDA tests (tests/test_memory_cuda.py, two processes sharing the card among them);
-#   nvidia-smi --query-compute-apps sampled every 0.5 s throughout: each process's real use, context included.
-# Each part has its own timeout; everything goes to $OUT (default runs/gpu_check).
+# The GPU check, as one script that runs as is in one call. Parts, in order, each with its own timeout:
+#   tests    the CUDA tests (tests/test_memory_cuda.py: stream == resident on the card, the budget held, two
+#            processes sharing the card under 0.5 shares, the step without a host wait)        TESTS_S=120
+#   bench    benchmarks/memory_gpu.py --quick at the spec's shape (64 rows x 128 tokens per optimizer step, bf16):
+#            resident (no cap), stream (8 GiB cap), torchao's CPU offload (8 GiB cap)            BENCH_S=210
+#   all      python run.py all on configs/redheart-730m.yaml: 128 VADER sentences, a 3-epoch sweep of two LRs as
+#            two trials sharing the card (0.5 each), 4 training epochs, the analysis, under the 8 GiB cap;
+#            its epoch times, start-up costs, checkpoint write/hash seconds and results table     ALL_S=330
+#   profile  one stream step profiled (top operators by CUDA time), untimed (not in the default PARTS) PROFILE_S=160
+# The timeouts add up to 11 minutes; a session with less device time picks parts: PARTS="tests bench".
+# nvidia-smi --query-compute-apps is sampled every 0.5 s throughout: each process's real use, context included.
+# Everything goes to $OUT (default runs/gpu_check): logs, summary.txt, and results.tar.gz (the figures and CSVs).
+#
+# Ray missing (an offline GPU machine): it is installed from .gpu/ (benchmarks/gpu_carry.sh builds it here,
+# with the data cache of the `all` part, which needs the sentence encoder a GPU machine may lack).
 #   DRY=1 bash benchmarks/gpu_check.sh    # the same parts on a CPU, tiny preset (what CI runs)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+PARTS=${PARTS:-tests bench all}
+CARRY=${CARRY:-.gpu}
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 T0=$SECONDS
 log() { echo "[$((SECONDS - T0))s] $*" | tee -a "$OUT/summary.txt"; }
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+TAG=$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+if ! $PY -c "import ray.tune" 2>/dev/null && [ -f "$CARRY/whl/ray$TAG.tar.xz" ]; then
+  SITE=${SITE:-/tmp/gpu_check_site}
+  log "installing Ray and the wheels from $CARRY into $SITE"
+  mkdir -p "$SITE" && tar -xJf "$CARRY/whl/ray$TAG.tar.xz" -C "$SITE" &&
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$CARRY"/whl/*.whl > "$OUT/setup.log" 2>&1 || { log "setup failed"; tail -5 "$OUT/setup.log"; }
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 $PY - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import torch
@@ -32,24 +54,65 @@ fi
 if [ -n "${DRY:-}" ]; then
   BENCH=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 2 --accum 4 --timeout 120)
   PROFILE=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 1 --accum 4 --timeout 120)
+  ALL=(model.preset=tiny resources.gpu=0 resources.cpus_per_trial=1 resources.ray_num_cpus=2 optim.grad_accum=2
+    "data.cache_dir=${CACHE:-$OUT/cache}")
 else
   BENCH=(--quick --accum 16 --batch 4 --tokens 128)
   PROFILE=(--steps 2 --accum 16 --batch 4 --tokens 128 --timeout 150)
+  ALL=(resources.gpu=0.5 resources.cpus_per_trial=4 memory.gpu_budget_gb=8 "data.cache_dir=${CACHE:-$PWD/$CARRY/cache}")
 fi
-log "bench: resident, stream, cpu_offload"
-timeout -k 5 ${BENCH_S:-300} $PY -m benchmarks.memory_gpu "${BENCH[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-log "bench rc=$?"
-grep -v '^\[' "$OUT/bench.log" | tail -8 | tee -a "$OUT/summary.txt"
-log "profile: one untimed stream step after two timed ones"
-timeout -k 5 ${PROFILE_S:-160} $PY -m benchmarks.memory_gpu "${PROFILE[@]}" --rows stream --profile "$OUT/profile" \
-  > "$OUT/profile.log" 2>&1
-log "profile rc=$?"
+# The `all` part's data: benchmarks/gpu_carry.sh builds its cache with these same settings.
+ALL_DATA=(data.source=vader data.path=null data.max_samples=128 data.max_tokens=64 data.holdout_max_samples=200)
 
-log "cuda tests"
-timeout -k 5 ${TESTS_S:-120} $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \
-  > "$OUT/pytest_cuda.log" 2>&1
-log "cuda tests rc=$?"
-tail -8 "$OUT/pytest_cuda.log" | tee -a "$OUT/summary.txt"
+if has tests; then
+  log "cuda tests"
+  if [ -n "${DRY:-}" ]; then
+    log "cuda tests: skipped (DRY: no CUDA device)"
+  else
+    timeout -k 5 ${TESTS_S:-120} $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \
+      > "$OUT/pytest_cuda.log" 2>&1
+    log "cuda tests rc=$?"
+    tail -8 "$OUT/pytest_cuda.log" | tee -a "$OUT/summary.txt"
+  fi
+fi
+
+if has bench; then
+  log "bench: resident, stream, cpu_offload"
+  timeout -k 5 ${BENCH_S:-210} $PY -m benchmarks.memory_gpu "${BENCH[@]}" --json "$OUT/bench.json" \
+    > "$OUT/bench.log" 2>&1
+  log "bench rc=$?"
+  grep -v '^\[' "$OUT/bench.log" | tail -8 | tee -a "$OUT/summary.txt"
+fi
+
+if has all; then
+  RUNS="$OUT/runs"
+  log "all: redheart-730m config, two sweep trials sharing the card, 4 training epochs, the analysis"
+  timeout -k 10 ${ALL_S:-330} $PY run.py all configs/redheart-730m.yaml "${ALL_DATA[@]}" "${ALL[@]}" \
+    "sweep.lrs=[1.0e-4,5.0e-4]" sweep.epochs=3 sweep.max_concurrent=2 train.epochs=4 train.progress_every_s=0 \
+    "run.output_root=$RUNS" run.name=gpu730m > "$OUT/all.log" 2>&1
+  log "all rc=$?"
+  grep -E "start-up cost|checkpoint [0-9]+: wrote|Error|error:" "$OUT/all.log" | tail -12 | tee -a "$OUT/summary.txt"
+  $PY - "$RUNS/gpu730m" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+for result in sorted(root.glob("*/*/result.json")):  # sweep and train trials: one JSON line per epoch
+    for line in result.read_text().splitlines():
+        r = json.loads(line)
+        print(f"{result.parent.parent.name}/{result.parent.name[:24]}: epoch {r.get('epoch')} "
+              f"{r.get('epoch_time_s', float('nan')):.1f} s, val_loss {r.get('val_loss', float('nan')):.4f}, "
+              f"peak reserved {r.get('peak_reserved_mb')} MB, startup {r.get('startup_s', '')}")
+for table in sorted(root.rglob("results.csv"))[:1]:
+    print(f"{table.relative_to(root)}:\n{table.read_text()}")
+PY
+fi
+
+if has profile; then
+  log "profile: one untimed stream step after two timed ones"
+  timeout -k 5 ${PROFILE_S:-160} $PY -m benchmarks.memory_gpu "${PROFILE[@]}" --rows stream --profile "$OUT/profile" \
+    > "$OUT/profile.log" 2>&1
+  log "profile rc=$?"
+fi
 
 [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
 if [ -f "$OUT/smi_apps.csv" ]; then
@@ -64,4 +127,7 @@ for pid, mib in peak.items():
     print(f"nvidia-smi peak of pid {pid}: {mib} MiB")
 PY
 fi
-log "done"
+# The figures and CSVs in one archive (a device call brings back a few files only), the logs beside it.
+(cd "$OUT" && find . -path ./cache -prune -o \( -name "*.csv" -o -name "*.png" -o -name "*.json" -o -name "*.txt" \) \
+  -not -name "result.json" -print 2>/dev/null | grep -v "/checkpoint_" | tar -czf results.tar.gz -T - 2>/dev/null)
+log "done: $OUT/summary.txt, $OUT/results.tar.gz"
