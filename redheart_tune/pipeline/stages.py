@@ -23,11 +23,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from redheart_tune.analysis.crossover import CrossoverError
-from redheart_tune.analysis.evaluate import BASELINE, EvaluationError
+from redheart_tune.analysis.evaluate import EvaluationError
 from redheart_tune.analysis.experiment import ExperimentReadError
 from redheart_tune.analysis.figures import learning_curves_figure, lr_sweep_figure
+from redheart_tune.analysis.seeds import BASELINE
 from redheart_tune.analysis.sweet_spots import SweetSpotError
+from redheart_tune.analysis.weights import CrossoverError
 from redheart_tune.config import Config, ConfigError, RunConfigSection, cache_dir, is_uri
 from redheart_tune.data import DataError, prepare_data
 from redheart_tune.data.background import HoldoutJob, start_holdout_encoding
