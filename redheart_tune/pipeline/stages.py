@@ -52,10 +52,11 @@ from redheart_tune.pipeline.analysis import (
     summarize_seeds,
 )
 from redheart_tune.pipeline.runlock import RunInUse, run_lock
-from redheart_tune.tune.recovery import checkpoint_epochs
+from redheart_tune.tune.recovery import ExperimentError, checkpoint_epochs
 from redheart_tune.tune.resources import cluster_address
-from redheart_tune.tune.runner import ExperimentError, dedupe_epochs, resume_config
+from redheart_tune.tune.runner import dedupe_epochs
 from redheart_tune.tune.storage import fetch, publish
+from redheart_tune.tune.stored_config import resume_config
 from redheart_tune.tune.sweep import SweepResult, run_sweep
 from redheart_tune.tune.train import run_train, run_train_seeds, with_lr
 
@@ -134,7 +135,7 @@ def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False)
 def resume_stage(where: str | Path, overrides: list[str] | None = None) -> None:
     """Continue the sweep or training experiment at ``where`` (a local ``<run dir>/<stage>`` or its URI in
     remote storage) with the config it was started with, and the ``overrides`` a resume may make
-    (``tune.runner.resume_config``)."""
+    (``tune.stored_config.resume_config``)."""
     path, located = _experiment_at(str(where))
     seeds = _stored_record(path).get("seeds")
     if seeds is not None:  # its trials are seeds of one run, and its analysis belongs to `all`

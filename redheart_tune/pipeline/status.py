@@ -43,18 +43,15 @@ from redheart_tune.pipeline.analysis import (
     SWEET_SPOTS_FILE,
 )
 from redheart_tune.pipeline.runlock import lock_line
-from redheart_tune.tune.recovery import BROKEN
-from redheart_tune.tune.runner import (
+from redheart_tune.tune.recovery import BROKEN, ExperimentError
+from redheart_tune.tune.runner import ExperimentStatus, dedupe_epochs, experiment_status
+from redheart_tune.tune.storage import fetch
+from redheart_tune.tune.stored_config import (
     NOT_READ_BY,
-    ExperimentError,
-    ExperimentStatus,
     config_differences,
-    dedupe_epochs,
-    experiment_status,
     load_experiment_config,
     newest_checkpoint_epoch,
 )
-from redheart_tune.tune.storage import fetch
 from redheart_tune.tune.train import choose_lr, with_lr
 
 

@@ -26,18 +26,16 @@ from redheart_tune.layout import (
     seeds_experiment,
     sweep_outputs_dir,
 )
-from redheart_tune.tune.recovery import Recovery, prepare_resume
+from redheart_tune.tune.recovery import ExperimentError, Recovery, prepare_resume
 from redheart_tune.tune.resources import start_ray
-from redheart_tune.tune.runner import (
-    ExperimentError,
+from redheart_tune.tune.runner import experiment_status, fit
+from redheart_tune.tune.storage import fetch, publish, storage
+from redheart_tune.tune.stored_config import (
     check_same_config,
     config_differences,
-    experiment_status,
-    fit,
     load_experiment_config,
     save_experiment_config,
 )
-from redheart_tune.tune.storage import fetch, publish, storage
 from redheart_tune.util.files import write_json_atomic
 
 SWEEP_SETTINGS = ("sweep", "train", "optim.lr", "run.seed")
