@@ -30,6 +30,7 @@ from redheart_tune.data import (
     redheart,
     task_specs,
     vader,
+    vader_download,
 )
 from redheart_tune.data.dataset import holdout_rows, normalise_text, sample_and_split, split_fingerprint
 
@@ -265,7 +266,7 @@ def test_vader_parsing_and_mapping(tmp_path):
 def test_vader_tasks_carry_distinct_signals(data_cache):
     """Over the real 23,703 sentences no target of one task repeats a target of another (regret used to be
     emotion's negative share, correlation 1.0)."""
-    corr = vader.target_correlations(vader.load_vader(vader.fetch_vader(data_cache)))
+    corr = vader.target_correlations(vader.load_vader(vader_download.fetch_vader(data_cache)))
     task = {name: name.split("/")[0] for name in corr.columns}
     across = [abs(corr.loc[a, b]) for a in corr.index for b in corr.columns if task[a] != task[b]]
     assert max(across) < 0.8
@@ -298,15 +299,15 @@ def _fake_sdist(path: Path, directory: Path) -> str:
     """An sdist laid out like vaderSentiment-3.3.2's, holding ``directory``'s files plus a traversal attempt."""
     inner_buffer = io.BytesIO()
     with tarfile.open(fileobj=inner_buffer, mode="w:gz") as inner:
-        for name in vader.FILES:
-            inner.add(directory / name, arcname=f"{vader.DATA_DIR_NAME}/{name}")
+        for name in vader_download.FILES:
+            inner.add(directory / name, arcname=f"{vader_download.DATA_DIR_NAME}/{name}")
         evil = tarfile.TarInfo("../../evil.txt")
         payload = b"should never be written"
         evil.size = len(payload)
         inner.addfile(evil, io.BytesIO(payload))
     inner_bytes = inner_buffer.getvalue()
     with tarfile.open(path, "w:gz") as outer:
-        info = tarfile.TarInfo(vader.INNER_TAR)
+        info = tarfile.TarInfo(vader_download.INNER_TAR)
         info.size = len(inner_bytes)
         outer.addfile(info, io.BytesIO(inner_bytes))
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -320,46 +321,46 @@ def test_fetch_extracts_safely_and_only_once(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     download = cache / "vader" / "download"
     download.mkdir(parents=True)
-    digest = _fake_sdist(download / vader.SDIST_NAME, _write_vader_dir(tmp_path / "src"))
-    monkeypatch.setattr(vader, "SDIST_SHA256", digest)
-    monkeypatch.setattr(vader, "_pip_download", _no_pip)
-    directory = vader.fetch_vader(cache)
-    assert directory == cache / "vader" / vader.DATA_DIR_NAME
-    assert sorted(p.name for p in directory.iterdir()) == sorted(vader.FILES)
+    digest = _fake_sdist(download / vader_download.SDIST_NAME, _write_vader_dir(tmp_path / "src"))
+    monkeypatch.setattr(vader_download, "SDIST_SHA256", digest)
+    monkeypatch.setattr(vader_download, "_pip_download", _no_pip)
+    directory = vader_download.fetch_vader(cache)
+    assert directory == cache / "vader" / vader_download.DATA_DIR_NAME
+    assert sorted(p.name for p in directory.iterdir()) == sorted(vader_download.FILES)
     assert not list(tmp_path.rglob("evil.txt"))
     assert not [p for p in (cache / "vader").iterdir() if p.name.startswith(".")]  # no temp dir left
     assert len(vader.load_vader(directory)) == 8
-    (download / vader.SDIST_NAME).unlink()  # a second use reads neither the archive nor pip
-    assert vader.fetch_vader(cache) == directory
+    (download / vader_download.SDIST_NAME).unlink()  # a second use reads neither the archive nor pip
+    assert vader_download.fetch_vader(cache) == directory
 
 
 def test_fetch_rejects_a_sha256_mismatch(tmp_path, monkeypatch):
     download = tmp_path / "vader" / "download"
     download.mkdir(parents=True)
-    (download / vader.SDIST_NAME).write_bytes(b"not the sdist")
-    monkeypatch.setattr(vader, "_pip_download", _no_pip)
+    (download / vader_download.SDIST_NAME).write_bytes(b"not the sdist")
+    monkeypatch.setattr(vader_download, "_pip_download", _no_pip)
     with pytest.raises(DataError, match="sha256 .* does not match") as info:
-        vader.fetch_vader(tmp_path)
+        vader_download.fetch_vader(tmp_path)
     assert "delete it" in str(info.value)
-    assert not (tmp_path / "vader" / vader.DATA_DIR_NAME).exists()
+    assert not (tmp_path / "vader" / vader_download.DATA_DIR_NAME).exists()
 
 
 def test_fetch_failure_says_what_to_run(tmp_path, monkeypatch):
     failing = [sys.executable, "-c", "import sys; print('no network'); sys.exit(3)"]
-    monkeypatch.setattr(vader, "_pip_command", lambda download_dir: failing)
+    monkeypatch.setattr(vader_download, "_pip_command", lambda download_dir: failing)
     with pytest.raises(DataError) as info:
-        vader.fetch_vader(tmp_path)
+        vader_download.fetch_vader(tmp_path)
     message = str(info.value)
     assert "exit code 3" in message and "no network" in message and "Run it by hand" in message
-    assert str(tmp_path / "vader" / "download" / vader.SDIST_NAME) in message
+    assert str(tmp_path / "vader" / "download" / vader_download.SDIST_NAME) in message
 
 
 @pytest.mark.slow
 def test_real_vader_fetch(tmp_path):
     """Downloads the real sdist with pip (needs the package index)."""
-    directory = vader.fetch_vader(tmp_path)
-    sdist = tmp_path / "vader" / "download" / vader.SDIST_NAME
-    assert hashlib.sha256(sdist.read_bytes()).hexdigest() == vader.SDIST_SHA256
+    directory = vader_download.fetch_vader(tmp_path)
+    sdist = tmp_path / "vader" / "download" / vader_download.SDIST_NAME
+    assert hashlib.sha256(sdist.read_bytes()).hexdigest() == vader_download.SDIST_SHA256
     data = vader.load_vader(directory)
     assert len(data) == 23703
     np.testing.assert_array_equal(np.bincount(data.strata), [4200, 10605, 3708, 5190])
@@ -450,7 +451,7 @@ def test_holdout_rows_are_outside_the_draw_and_disjoint_by_normalised_text():
 def test_real_vader_holdout_is_disjoint_from_train_val_and_test(data_cache):
     """The default draw (10,000 of 23,703, split seed 0) leaves 13,703 sentences; those whose normalised
     text is drawn or repeats are left out, and none of the rest shares a text with train, val or test."""
-    data = vader.load_vader(vader.fetch_vader(data_cache))
+    data = vader.load_vader(vader_download.fetch_vader(data_cache))
     kept, splits = sample_and_split(len(data), data.strata, 10000, (0.8, 0.1, 0.1), seed=0)
     rows = holdout_rows(data.texts, kept, seed=0, limit=None)
     assert len(rows) == 13511

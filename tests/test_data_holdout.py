@@ -27,7 +27,7 @@ from redheart_tune.data import (
     encoding_store,
     holdout_uncached,
     prepare_holdout,
-    vader,
+    vader_download,
 )
 from redheart_tune.data.background import start_holdout_encoding
 
@@ -43,7 +43,7 @@ def _refuse(*args, **kwargs):
 @pytest.fixture
 def cache(tmp_path, data_cache) -> Path:
     """An empty encoding cache that shares the session's VADER download (fetched once per session)."""
-    vader.fetch_vader(data_cache)
+    vader_download.fetch_vader(data_cache)
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "vader").symlink_to(data_cache / "vader", target_is_directory=True)
     return tmp_path / "cache"
