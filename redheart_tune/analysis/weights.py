@@ -22,7 +22,7 @@ from torch import nn
 
 from redheart_tune.analysis.experiment import TrainingRun
 from redheart_tune.config import config_from_dict
-from redheart_tune.engine.checkpoints import CheckpointError, group_file, load_group
+from redheart_tune.engine.checkpoints import META, CheckpointError, group_file, load_group
 from redheart_tune.model.family import RedHeart, build_model
 from redheart_tune.model.groups import SelectionUnit, param_prefix_owner
 from redheart_tune.model.tasks import TaskSpec
@@ -59,7 +59,7 @@ def check_compatible(metas: Mapping[int, Mapping], paths: Mapping[int, Path] | N
         raise CrossoverError("no checkpoint to combine")
     epochs = sorted(metas)
     ref_epoch = epochs[0]
-    where = (lambda e: str(Path(paths[e]) / "meta.json")) if paths else (lambda e: f"epoch {e} meta.json")
+    where = (lambda e: str(Path(paths[e]) / META)) if paths else (lambda e: f"epoch {e} {META}")
     problems = []
     for name in COMPATIBILITY_FIELDS:
         ref = _field(metas[ref_epoch], name)

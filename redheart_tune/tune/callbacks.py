@@ -8,7 +8,7 @@ import sys
 
 from ray.tune import Callback
 
-from redheart_tune.engine.checkpoints import MANIFEST, drop_resume_state
+from redheart_tune.engine.checkpoints import MANIFEST, META, drop_resume_state
 
 
 class EpochPrinter(Callback):
@@ -62,7 +62,7 @@ def prune_resume_states(fs, trial_dir: str, keep: int) -> None:
     for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        meta = f"{info.path}/meta.json"
+        meta = f"{info.path}/{META}"
         if fs.get_file_info([f"{info.path}/{MANIFEST}", meta])[0].type == pafs.FileType.File:
             with fs.open_input_stream(meta) as f:
                 found.append((json.loads(f.readall())["epoch"], info.path))

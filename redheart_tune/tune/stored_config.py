@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from redheart_tune.config import Config, cache_dir, config_from_dict, config_to_dict, is_uri, with_overrides
+from redheart_tune.engine.checkpoints import MANIFEST, META
 from redheart_tune.layout import CONFIG_FILE, SPLIT_FILE
 from redheart_tune.tune.recovery import ExperimentError
 from redheart_tune.tune.storage import publish
@@ -126,9 +127,9 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[Config, str]:
 def newest_checkpoint_epoch(path: Path) -> int:
     """The epoch of the newest complete checkpoint under an experiment (0 when there is none)."""
     epochs = [
-        json.loads((d / "meta.json").read_text())["epoch"]
+        json.loads((d / META).read_text())["epoch"]
         for d in Path(path).glob("*/checkpoint_*")
-        if (d / "manifest.json").is_file() and (d / "meta.json").is_file()
+        if (d / MANIFEST).is_file() and (d / META).is_file()
     ]
     return max(epochs, default=0)
 
