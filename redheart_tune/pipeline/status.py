@@ -45,7 +45,7 @@ from redheart_tune.pipeline.analysis import (
 from redheart_tune.pipeline.runlock import lock_line
 from redheart_tune.tune.recovery import BROKEN, ExperimentError
 from redheart_tune.tune.runner import ExperimentStatus, dedupe_epochs, experiment_status
-from redheart_tune.tune.storage import fetch
+from redheart_tune.tune.storage import pull
 from redheart_tune.tune.stored_config import (
     NOT_READ_BY,
     config_differences,
@@ -296,7 +296,7 @@ def live_lines(status: ExperimentStatus, now: float, resume: str | None = None) 
 
 def run_status(cfg: Config, command: str) -> list[str]:
     """Lines on run ``cfg.run.name``; ``command`` (the config file and overrides given) goes into the next step."""
-    fetch(cfg, run_dir(cfg), weights=False)  # a remote root: its records, never its weights
+    pull(cfg, run_dir(cfg), weights=False)  # a remote root: its records, never its weights
     sweep = experiment_status(experiment_dir(cfg, "sweep"))
     train = experiment_status(experiment_dir(cfg, "train"))
     now = time.time()

@@ -16,7 +16,7 @@ from redheart_tune.config import Config, cache_dir, config_from_dict, config_to_
 from redheart_tune.engine.checkpoints import MANIFEST, META
 from redheart_tune.layout import CONFIG_FILE, SPLIT_FILE
 from redheart_tune.tune.recovery import ExperimentError
-from redheart_tune.tune.storage import publish
+from redheart_tune.tune.storage import push
 from redheart_tune.util.files import write_json_atomic
 
 NO_RESULT_CHANGE = (
@@ -74,7 +74,7 @@ def save_experiment_config(cfg: Config, path: Path, stage: str, **extra: Any) ->
     write_json_atomic(path / CONFIG_FILE, {"stage": stage, "config": config_to_dict(cfg), **extra})
     split = prepare_data(cfg.data, cache_dir(cfg), show_progress=False).split_record()
     write_json_atomic(path / SPLIT_FILE, split)
-    publish(cfg, path / CONFIG_FILE, path / SPLIT_FILE)
+    push(cfg, path / CONFIG_FILE, path / SPLIT_FILE)
 
 
 def load_experiment_config(path: Path) -> tuple[Config, str]:
@@ -120,7 +120,7 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[Config, str]:
         }
     )
     write_json_atomic(path / CONFIG_FILE, record)
-    publish(cfg, path / CONFIG_FILE)
+    push(cfg, path / CONFIG_FILE)
     return cfg, stage
 
 
