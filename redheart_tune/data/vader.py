@@ -39,8 +39,7 @@ r < 0, r = 0, r > 0):
 Each task carries its own signal: emotion the polarity, bentham its strength and
 the raters' agreement, regret the dissent below the consensus (a signal of its
 own, |r| <= 0.49 with every other target), surd the source.  The correlations
-(``target_correlations``) over all 23,703 sentences are in docs/data.md.  (Earlier
-versions made regret emotion's negative share: the same number twice.)
+(``target_correlations``) over all 23,703 sentences are in docs/data.md.
 
 In numbers (3.3.2): 23,703 sentences (tweets 4,200, movies 10,605, amazon 3,708,
 nyt 5,190), 23,619 distinct texts (a few sentences repeat across ids and may land

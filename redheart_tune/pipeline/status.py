@@ -126,8 +126,8 @@ def _sweep_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
 
 def training_config(cfg: Config, command: str) -> Config:
     """The config ``train`` and ``all`` would run with: the peak LR from the run's own sweep unless
-    ``optim.lr=`` is in ``command`` (status used to compare the stored training with the config file's
-    optim.lr, and call a run that ``all`` reuses "refused")."""
+    ``optim.lr=`` is in ``command``, so a stored training is compared with the LR it would really get,
+    not the config file's optim.lr (which would call a run that ``all`` reuses "refused")."""
     explicit = any(arg.startswith("optim.lr=") for arg in command.split())
     try:
         lr, _ = choose_lr(cfg, explicit_lr=explicit)

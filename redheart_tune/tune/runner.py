@@ -158,7 +158,7 @@ def fit(
             resume_errored=True,
             storage_filesystem=fs,
         )
-        # The restored run keeps its original RunConfig and TuneConfig: the callbacks, the trial names.
+        # The restored run keeps the RunConfig and TuneConfig it was started with: the callbacks, the trial names.
     else:
         callbacks = [FaultStop(), EpochPrinter(stage, epochs)]  # FaultStop first: before Tune's loggers
         if recovering:
