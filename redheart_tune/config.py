@@ -270,8 +270,8 @@ class MemoryConfig(Section):
 
 
 class AnalysisConfig(Section):
-    """How the analysis selects and reports the methods (redheart_tune/analysis/evaluate.py).  None of it changes
-    training; every choice is made on the validation split."""
+    """How the analysis selects and reports the methods (redheart_tune/analysis/selection.py, evaluate.py).  None of
+    it changes training; every choice is made on the validation split."""
 
     soup_window: StrictInt = Field(1, ge=0)
     """Group window soup: each selection unit averages its weights over the checkpoints within this many

@@ -8,17 +8,10 @@ import pytest
 import torch
 from test_analysis_support import default_targets, epoch_state, fake_meta, write_fake_run
 
-from redheart_tune.analysis.crossover import (
-    CrossoverError,
-    build_crossover,
-    build_group_soup,
-    check_compatible,
-    load_module_tensors,
-    shift_spot,
-    variant_spots,
-    window_members,
-)
+from redheart_tune.analysis.crossover import build_crossover, shift_spot, variant_spots
 from redheart_tune.analysis.experiment import IncompleteCheckpointWarning, verify_checkpoints
+from redheart_tune.analysis.soups import build_group_soup, window_members
+from redheart_tune.analysis.weights import CrossoverError, check_compatible, load_module_tensors
 from redheart_tune.config import Config, config_to_dict
 from redheart_tune.engine.checkpoints import CheckpointError, load_group
 from redheart_tune.model.groups import GROUPS, param_prefix_owner, selection_units

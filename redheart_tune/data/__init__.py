@@ -26,7 +26,7 @@ import numpy as np
 
 from redheart_tune.model.tasks import TaskSpec
 
-from . import redheart, vader
+from . import redheart, vader, vader_download
 from .dataset import (
     HOLDOUT,
     SPLITS,
@@ -86,7 +86,7 @@ def _load_source(cfg: DataConfig, cache_dir: Path) -> tuple[RawData, LoadReport 
     if cfg.source == "vader":
         if cfg.path is not None:
             raise DataError(f"data.path must be empty for data.source=vader (got {cfg.path!r}); remove it.")
-        return vader.load_vader(vader.fetch_vader(cache_dir)), None
+        return vader.load_vader(vader_download.fetch_vader(cache_dir)), None
     if cfg.source == "redheart":
         if cfg.path is None:
             raise DataError("data.source=redheart needs data.path: set it to your Red Heart JSON file.")

@@ -7,7 +7,7 @@
 The driver starts it once its own data is encoded (``redheart_tune.pipeline.stages``); the child runs
 ``prepare_holdout`` with one torch thread, at a lower priority (``nice``) and without the GPU (the
 trials' memory plans count on the card), and writes its lines to a log in the cache.  The encoding
-cache's lock (``redheart_tune.data.encoding``) does the rest: a command that needs the held-out set before the
+cache's lock (``redheart_tune.data.encoding_store``) does the rest: a command that needs the held-out set before the
 child is done waits for it, and says so, instead of encoding it a second time; a child killed half-way
 leaves nothing that is ever read.
 

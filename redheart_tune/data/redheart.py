@@ -20,8 +20,8 @@ Input text is ``text + " " + title``, cut to its first 512 characters.
 | regret  | regression          | regret                                              | ``regret_factor``   |
 | surd    | regression          | selection, uncertainty, risk, decision              | ``surd_metrics``    |
 
-Validation is strict, because the original code base read ``emotions`` as a dict
-and trained on all-zero labels without noticing.  Every used field must be
+Validation is strict, so that a misread field (``emotions`` read as a dict gives
+all-zero labels) stops the load instead of training on it.  Every used field must be
 present, of the right type (a bool is not a number), finite and in [0, 1];
 ``emotions`` must be a list of 7 non-negative numbers summing to 1 (within
 ``EMOTION_SUM_TOL``; they are then rescaled to sum to exactly 1); the two dicts
@@ -52,7 +52,7 @@ EMOTION_LABELS: tuple[str, ...] = ("joy", "trust", "fear", "surprise", "sadness"
 BENTHAM_KEYS: tuple[str, ...] = ("intensity", "duration", "certainty", "propinquity")
 SURD_KEYS: tuple[str, ...] = ("selection", "uncertainty", "risk", "decision")
 TEXT_CHARS = 512
-"""Characters of ``text + " " + title`` kept (as in the original)."""
+"""Characters of ``text + " " + title`` kept; the rest is cut off."""
 EMOTION_SUM_TOL = 1e-3
 """How far the 7 emotion shares may sum from 1 (LLM-written decimals, e.g. 0.333 * 3)."""
 REPORTED_REASONS = 5

@@ -234,23 +234,3 @@ def group_state_dict(model: nn.Module, group: str) -> dict[str, torch.Tensor]:
     """The state-dict entries of ``group``'s modules (keys as in the full model's state dict)."""
     modules_of_group(group)  # a KeyError names the known groups
     return {k: v for k, v in model.state_dict().items() if GROUP_OF[param_prefix_owner(k)] == group}
-
-
-def load_group_state_dict(model: nn.Module, group: str, state: dict[str, torch.Tensor]) -> None:
-    """Load one group's tensors into ``model``; the key set and every shape must match exactly."""
-    expected = group_state_dict(model, group)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(
-            f"group {group!r}: missing keys {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
-        )
-    bad = [
-        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
-    ]
-    if bad:
-        raise ValueError(f"group {group!r}: shape mismatch: {'; '.join(bad[:5])}")
-    full = model.state_dict()
-    full.update(state)
-    model.load_state_dict(full, strict=True)

@@ -138,14 +138,6 @@ NEVER_SWAPPED = 100
 """Units of this priority stay on the GPU under every plan (the backbone, 100, is never swapped)."""
 
 
-def unit_of_module(module: str) -> SelectionUnit:
-    """The selection unit a module belongs to (its linked group, or itself when independent)."""
-    for unit in selection_units():
-        if module in unit.modules:
-            return unit
-    raise KeyError(f"unknown module key {module!r}; known: {', '.join(MODULES)}")
-
-
 def modules_of_group(group: str) -> tuple[str, ...]:
     """The module keys of ``group``; a KeyError names the known groups."""
     if group not in GROUPS:

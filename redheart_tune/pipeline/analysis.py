@@ -21,24 +21,21 @@ import pandas as pd
 import torch
 
 from redheart_tune.analysis import figures
-from redheart_tune.analysis.crossover import DEFAULT_DELTAS, build_crossover, save_state_atomic, variant_spots
-from redheart_tune.analysis.evaluate import (
+from redheart_tune.analysis.crossover import DEFAULT_DELTAS, build_crossover, variant_spots
+from redheart_tune.analysis.evaluate import EvalSettings, EvaluationError, evaluate_methods, val_only
+from redheart_tune.analysis.experiment import TrainingRun, load_training_run
+from redheart_tune.analysis.seeds import (
     BASELINE,
-    EvalSettings,
-    EvaluationError,
     aggregate_seeds,
-    broken_epochs,
-    evaluate_methods,
     load_row_scores,
     paired_differences,
     read_results,
     save_row_scores,
-    select_methods,
-    val_only,
 )
-from redheart_tune.analysis.experiment import TrainingRun, load_training_run
+from redheart_tune.analysis.selection import select_methods
 from redheart_tune.analysis.sweet_spots import select_sweet_spots, sweet_spot_report
 from redheart_tune.analysis.uncertainty import interval_table
+from redheart_tune.analysis.weights import broken_epochs, save_state_atomic
 from redheart_tune.config import Config, cache_dir, config_from_dict, config_to_dict
 from redheart_tune.data import HOLDOUT, EncodedData, normalise_text, prepare_data, prepare_holdout
 from redheart_tune.util.files import write_atomic, write_json_atomic
@@ -106,7 +103,7 @@ def crossover(
 
     crossover.json holds the sweet spots, the checkpoint each unit came from, the
     model config, tasks and input width (enough to rebuild the model with
-    ``analysis.crossover.model_from_meta``), and the ±Δ variants' sweet spots.
+    ``analysis.weights.model_from_meta``), and the ±Δ variants' sweet spots.
     The variants' weights are written too (``crossover_d<Δ>.safetensors``) only
     when ``save_variant_weights``: each is as big as the model, and each is
     rebuilt exactly from the checkpoints and its recorded spots.

@@ -23,11 +23,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from redheart_tune.analysis.crossover import CrossoverError
-from redheart_tune.analysis.evaluate import BASELINE, EvaluationError
+from redheart_tune.analysis.evaluate import EvaluationError
 from redheart_tune.analysis.experiment import ExperimentReadError
 from redheart_tune.analysis.figures import learning_curves_figure, lr_sweep_figure
+from redheart_tune.analysis.seeds import BASELINE
 from redheart_tune.analysis.sweet_spots import SweetSpotError
+from redheart_tune.analysis.weights import CrossoverError
 from redheart_tune.config import Config, ConfigError, RunConfigSection, cache_dir, is_uri
 from redheart_tune.data import DataError, prepare_data
 from redheart_tune.data.background import HoldoutJob, start_holdout_encoding
@@ -51,10 +52,11 @@ from redheart_tune.pipeline.analysis import (
     summarize_seeds,
 )
 from redheart_tune.pipeline.runlock import RunInUse, run_lock
-from redheart_tune.tune.recovery import checkpoint_epochs
+from redheart_tune.tune.recovery import ExperimentError, checkpoint_epochs
 from redheart_tune.tune.resources import cluster_address
-from redheart_tune.tune.runner import ExperimentError, dedupe_epochs, resume_config
-from redheart_tune.tune.storage import fetch, publish
+from redheart_tune.tune.runner import dedupe_epochs
+from redheart_tune.tune.storage import pull, push
+from redheart_tune.tune.stored_config import resume_config
 from redheart_tune.tune.sweep import SweepResult, run_sweep
 from redheart_tune.tune.train import run_train, run_train_seeds, with_lr
 
@@ -100,7 +102,7 @@ def sweep_stage(cfg: Config) -> SweepResult:
     holdout = _prepare(cfg)
     sweep = run_sweep(cfg)
     fig = lr_sweep_figure(sweep.rows(), sweep.best.lr, sweep_outputs_dir(cfg) / "lr_sweep.png")
-    publish(cfg, sweep_outputs_dir(cfg))
+    push(cfg, sweep_outputs_dir(cfg))
     print("[sweep] scores (lower is better):")
     for c in sweep.candidates:
         mark = "  <- chosen" if c is sweep.best else ""
@@ -122,7 +124,7 @@ def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False)
     if Path(results[0].path).is_dir():  # local: a recovered trial's Tuner records only what it wrote
         checkpoints = sorted(set(checkpoints) | set(checkpoint_epochs(Path(results[0].path))))
     fig = learning_curves_figure(epochs, analysis_dir(cfg) / "learning_curves.png", checkpoints)
-    publish(cfg, fig, fig.with_suffix(".csv"))
+    push(cfg, fig, fig.with_suffix(".csv"))
     print(
         f"[train] finished: {results[0].path}\n[train] {len(checkpoints)} checkpoints; learning curves: {fig}"
     )
@@ -133,7 +135,7 @@ def train_stage(cfg: Config, lr_source: str, *, resume_unfinished: bool = False)
 def resume_stage(where: str | Path, overrides: list[str] | None = None) -> None:
     """Continue the sweep or training experiment at ``where`` (a local ``<run dir>/<stage>`` or its URI in
     remote storage) with the config it was started with, and the ``overrides`` a resume may make
-    (``tune.runner.resume_config``)."""
+    (``tune.stored_config.resume_config``)."""
     path, located = _experiment_at(str(where))
     seeds = _stored_record(path).get("seeds")
     if seeds is not None:  # its trials are seeds of one run, and its analysis belongs to `all`
@@ -166,7 +168,7 @@ def _experiment_at(where: str) -> tuple[Path, bool]:
     base, _, query = where.partition("?")
     root, name, stage = base.rstrip("/").rsplit("/", 2)
     probe = Config(run=RunConfigSection(output_root=f"{root}?{query}" if query else root, name=name))
-    path = fetch(probe, experiment_dir(probe, stage) / CONFIG_FILE).parent
+    path = pull(probe, experiment_dir(probe, stage) / CONFIG_FILE).parent
     return path, True
 
 
@@ -196,7 +198,7 @@ class Trained:
 
 def _trained(cfg: Config) -> Trained:
     """The run's own training, in the local root (its checkpoints downloaded from a remote one)."""
-    experiment = fetch(cfg, experiment_dir(cfg, "train"), weights=True)
+    experiment = pull(cfg, experiment_dir(cfg, "train"), weights=True)
     if not experiment.is_dir():  # analyze, crossover or report before any training: say what to run
         raise ExperimentReadError(
             f"{experiment}: no training yet; run `python run.py train` first, with the same config file "
@@ -207,7 +209,7 @@ def _trained(cfg: Config) -> Trained:
 
 def _analyze(cfg: Config, t: Trained) -> None:
     report = analyze(t.experiment, t.analysis, trial=t.trial)
-    publish(cfg, t.analysis)
+    push(cfg, t.analysis)
     print(f"[analyze] {t.name}: sweet spots (epoch per group / independent module):")
     for unit, epoch in report["sweet_spots"].items():
         print(f"    {unit:<18} epoch {epoch}")
@@ -218,7 +220,7 @@ def _analyze(cfg: Config, t: Trained) -> None:
 
 def _crossover(cfg: Config, t: Trained) -> None:
     summary = crossover(t.experiment, t.final, trial=t.trial)
-    publish(cfg, t.final)
+    push(cfg, t.final)
     print(f"[crossover] {t.name}: the epoch each unit comes from, in the model and in its variants:")
     print(_indented(_table(crossover_table(summary))))
     print(f"[crossover] weights: {summary['weights']}")
@@ -242,7 +244,7 @@ def _evaluate(cfg: Config, t: Trained) -> Path:
     """Evaluation of every method on the test split and the held-out set; prints the tables, returns
     results.csv."""
     results = evaluate_all(t.experiment, t.analysis, seed=t.seed, trial=t.trial, cfg=cfg, show_progress=True)
-    publish(cfg, t.analysis)
+    push(cfg, t.analysis)
     cols = [c for c in results.columns if c.endswith(("_accuracy", "_mae")) or c == "fused_loss"]
     for split, part in results.groupby("split", sort=False):
         print(f"[report] {t.name}: {split}, {part['rows'].iloc[0]:,} rows (selection used validation only):")
@@ -292,7 +294,7 @@ def crossover_stage(cfg: Config) -> None:
 def report_stage(cfg: Config) -> None:
     results = _evaluate(cfg, _trained(cfg))
     summary = _summarize(cfg, [results], analysis_dir(cfg))
-    publish(cfg, analysis_dir(cfg))
+    push(cfg, analysis_dir(cfg))
     _print_intervals(summary["intervals"], "report")
     print(f"[report] {results}; figure: {summary['figure']}")
 
@@ -314,7 +316,7 @@ def all_stages(cfg: Config, *, seeds: int = 1, explicit_lr: bool = False) -> Non
     others = [cfg.run.seed + k for k in range(1, seeds)]
     if others:
         run_train_seeds(base, others, source)
-        experiment = fetch(cfg, seeds_dir(cfg) / "train", weights=True)
+        experiment = pull(cfg, seeds_dir(cfg) / "train", weights=True)
         for seed in others:
             out = seeds_dir(cfg) / f"seed{seed}"
             trained.append(
@@ -327,7 +329,7 @@ def all_stages(cfg: Config, *, seeds: int = 1, explicit_lr: bool = False) -> Non
         result_files.append(_evaluate(cfg, t))
     out = analysis_dir(cfg) if seeds == 1 else analysis_dir(cfg) / "seeds"
     summary = _summarize(cfg, result_files, out)
-    publish(cfg, out)
+    push(cfg, out)
     print(f"[all] mean ± std over {seeds} seed(s):\n{_mean_std(summary['summary'])}")
     _print_intervals(summary["intervals"], "all")
     print(f"[all] tables in {out}; figure: {summary['figure']}")

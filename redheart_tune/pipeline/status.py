@@ -43,18 +43,15 @@ from redheart_tune.pipeline.analysis import (
     SWEET_SPOTS_FILE,
 )
 from redheart_tune.pipeline.runlock import lock_line
-from redheart_tune.tune.recovery import BROKEN
-from redheart_tune.tune.runner import (
+from redheart_tune.tune.recovery import BROKEN, ExperimentError
+from redheart_tune.tune.runner import ExperimentStatus, dedupe_epochs, experiment_status
+from redheart_tune.tune.storage import pull
+from redheart_tune.tune.stored_config import (
     NOT_READ_BY,
-    ExperimentError,
-    ExperimentStatus,
     config_differences,
-    dedupe_epochs,
-    experiment_status,
     load_experiment_config,
     newest_checkpoint_epoch,
 )
-from redheart_tune.tune.storage import fetch
 from redheart_tune.tune.train import choose_lr, with_lr
 
 
@@ -129,8 +126,8 @@ def _sweep_lines(status: ExperimentStatus, cfg: Config) -> list[str]:
 
 def training_config(cfg: Config, command: str) -> Config:
     """The config ``train`` and ``all`` would run with: the peak LR from the run's own sweep unless
-    ``optim.lr=`` is in ``command`` (status used to compare the stored training with the config file's
-    optim.lr, and call a run that ``all`` reuses "refused")."""
+    ``optim.lr=`` is in ``command``, so a stored training is compared with the LR it would really get,
+    not the config file's optim.lr (which would call a run that ``all`` reuses "refused")."""
     explicit = any(arg.startswith("optim.lr=") for arg in command.split())
     try:
         lr, _ = choose_lr(cfg, explicit_lr=explicit)
@@ -299,7 +296,7 @@ def live_lines(status: ExperimentStatus, now: float, resume: str | None = None) 
 
 def run_status(cfg: Config, command: str) -> list[str]:
     """Lines on run ``cfg.run.name``; ``command`` (the config file and overrides given) goes into the next step."""
-    fetch(cfg, run_dir(cfg), weights=False)  # a remote root: its records, never its weights
+    pull(cfg, run_dir(cfg), weights=False)  # a remote root: its records, never its weights
     sweep = experiment_status(experiment_dir(cfg, "sweep"))
     train = experiment_status(experiment_dir(cfg, "train"))
     now = time.time()

@@ -28,7 +28,13 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from redheart_tune.engine.checkpoints import CheckpointError, CheckpointInfo, verify_checkpoint
+from redheart_tune.engine.checkpoints import (
+    MANIFEST,
+    META,
+    CheckpointError,
+    CheckpointInfo,
+    verify_checkpoint,
+)
 
 
 class ExperimentError(RuntimeError):
@@ -223,7 +229,7 @@ class KeepTrialRecords(Callback):
 def checkpoint_epochs(trial_dir: Path) -> list[int]:
     """Epochs of the complete checkpoints in a local trial folder (by their manifest and meta.json)."""
     return sorted(
-        json.loads((d / "meta.json").read_text())["epoch"]
+        json.loads((d / META).read_text())["epoch"]
         for d in Path(trial_dir).glob("checkpoint_*")
-        if (d / "manifest.json").is_file() and (d / "meta.json").is_file()
+        if (d / MANIFEST).is_file() and (d / META).is_file()
     )

@@ -120,7 +120,7 @@ def storage(cfg: Config) -> Storage:
     return Storage(uri=root, local=local, fs=fs, fs_root=fs_root.rstrip("/") or fs_root)
 
 
-def publish(cfg: Config, *paths: str | os.PathLike) -> None:
+def push(cfg: Config, *paths: str | os.PathLike) -> None:
     """Copy files or trees the driver wrote under the local root to the run's storage (nothing to do for
     a local root)."""
     st = storage(cfg)
@@ -129,7 +129,7 @@ def publish(cfg: Config, *paths: str | os.PathLike) -> None:
             st.push(Path(p).resolve().relative_to(st.local))
 
 
-def fetch(cfg: Config, path: str | os.PathLike, *, weights: bool = True) -> Path:
+def pull(cfg: Config, path: str | os.PathLike, *, weights: bool = True) -> Path:
     """Bring ``path`` (under the local root) up to date from the run's storage; returns it.
     ``weights=False`` leaves out weights and resume state (enough for status and reuse decisions)."""
     st = storage(cfg)

@@ -18,16 +18,11 @@ from ray.tune import TuneConfig, grid_search, loguniform
 
 from redheart_tune.config import Config
 from redheart_tune.layout import best_lr_path, experiment_dir, sweep_outputs_dir
+from redheart_tune.tune.recovery import ExperimentError
 from redheart_tune.tune.resources import start_ray
-from redheart_tune.tune.runner import (
-    ExperimentError,
-    check_same_config,
-    dedupe_epochs,
-    experiment_status,
-    fit,
-    save_experiment_config,
-)
-from redheart_tune.tune.storage import fetch
+from redheart_tune.tune.runner import dedupe_epochs, experiment_status, fit
+from redheart_tune.tune.storage import pull
+from redheart_tune.tune.stored_config import check_same_config, save_experiment_config
 from redheart_tune.tune.trainable import EPOCH_COLUMNS, selection_score
 from redheart_tune.util.files import write_json_atomic
 
@@ -92,7 +87,7 @@ def _search_setup(cfg: Config) -> tuple[dict, TuneConfig]:
 
 def run_sweep(cfg: Config) -> SweepResult:
     """Run (or finish, or reuse) the sweep experiment, write its outputs, return every candidate and the best."""
-    path = fetch(cfg, experiment_dir(cfg, "sweep"), weights=False)  # a remote root: its records first
+    path = pull(cfg, experiment_dir(cfg, "sweep"), weights=False)  # a remote root: its records first
     status = experiment_status(path)
     if status is None:
         save_experiment_config(cfg, path, "sweep")

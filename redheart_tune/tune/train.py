@@ -26,18 +26,16 @@ from redheart_tune.layout import (
     seeds_experiment,
     sweep_outputs_dir,
 )
-from redheart_tune.tune.recovery import Recovery, prepare_resume
+from redheart_tune.tune.recovery import ExperimentError, Recovery, prepare_resume
 from redheart_tune.tune.resources import start_ray
-from redheart_tune.tune.runner import (
-    ExperimentError,
+from redheart_tune.tune.runner import experiment_status, fit
+from redheart_tune.tune.storage import pull, push, storage
+from redheart_tune.tune.stored_config import (
     check_same_config,
     config_differences,
-    experiment_status,
-    fit,
     load_experiment_config,
     save_experiment_config,
 )
-from redheart_tune.tune.storage import fetch, publish, storage
 from redheart_tune.util.files import write_json_atomic
 
 SWEEP_SETTINGS = ("sweep", "train", "optim.lr", "run.seed")
@@ -124,7 +122,7 @@ def _existing(path: Path, cfg: Config, *, resume_unfinished: bool, note: str, ig
     """The training experiment at ``path`` (its records fetched from a remote root, not its weights), to
     reuse when finished or resume when not; None when there is none.  Only with the config it was
     started with; an unfinished one only when ``resume_unfinished`` (else the resume command is the error)."""
-    status = experiment_status(fetch(cfg, path, weights=False))
+    status = experiment_status(pull(cfg, path, weights=False))
     if status is not None:
         check_same_config(path, cfg, "train", ignore)
         if not (status.finished or resume_unfinished):
@@ -168,7 +166,7 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
         print(f"[train] peak LR {cfg.optim.lr:.2e} from {lr_source}")
         save_experiment_config(cfg, path, "train")
         write_json_atomic(path / "session_info.json", session_info(cfg, lr_source))
-        publish(cfg, path / "session_info.json")
+        push(cfg, path / "session_info.json")
     results = fit(
         cfg,
         "train",
@@ -192,7 +190,7 @@ def run_train(cfg: Config, lr_source: str = "config (optim.lr)", *, resume_unfin
             "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)},
         },
     )
-    publish(cfg, path / "session_info_final.json")
+    push(cfg, path / "session_info_final.json")
     return results
 
 

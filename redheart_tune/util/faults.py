@@ -131,7 +131,7 @@ def take_fault() -> str | None:
 
 RESUME_STATES_KEPT = 2
 """While training, the newest two checkpoints keep their resume state (``train.keep_resume_state: latest``;
-``tune.runner.ResumeStatePruner`` drops the older ones' after each new checkpoint is stored)."""
+``tune.callbacks.ResumeStatePruner`` drops the older ones' after each new checkpoint is stored)."""
 ESTIMATE_SLACK = 0.05
 """An estimate from the parameters leaves out torch.save's framing, AdamW's step counters, the RNG states
 and metrics.json: 2.7% of the smoke model's checkpoint, less for larger ones."""
