@@ -401,8 +401,3 @@ def load_resume_state(directory: Path) -> dict:
             f"{path}: this checkpoint keeps no resume state (train.keep_resume_state: latest keeps it in the newest only)"
         )
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def checkpoint_bytes(directory: Path) -> dict[str, int]:
-    """Bytes per file of a checkpoint (for the size table in docs/results.md)."""
-    return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.is_file()}

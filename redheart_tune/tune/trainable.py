@@ -27,6 +27,7 @@ from redheart_tune import __version__
 from redheart_tune.config import Config, cache_dir, config_to_dict
 from redheart_tune.data import EncodedData, prepare_data
 from redheart_tune.engine.checkpoints import (
+    META,
     CheckpointError,
     load_model_state,
     load_resume_state,
@@ -226,7 +227,7 @@ def _run_trial(
         t = time.perf_counter()
         with checkpoint.as_directory() as ckpt_dir:
             start = restore(state, Path(ckpt_dir), cfg, data) + 1
-            history = json.loads((Path(ckpt_dir) / "meta.json").read_text())["loss_history"]
+            history = json.loads((Path(ckpt_dir) / META).read_text())["loss_history"]
             size = measured_size(Path(ckpt_dir))
         setup_s["restore"] = time.perf_counter() - t
         log.warning("resumed %s trial at epoch %d from %s", trial.name, start, checkpoint.path)
