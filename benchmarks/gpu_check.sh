@@ -30,7 +30,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 TAG=$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 if ! $PY -c "import ray.tune" 2>/dev/null && [ -f "$CARRY/whl/ray$TAG.tar.xz" ]; then
-  SITE=${SITE:-/tmp/gpu_check_site}
+  SITE=${SITE:-$OUT/site}
   log "installing Ray and the wheels from $CARRY into $SITE"
   mkdir -p "$SITE" && tar -xJf "$CARRY/whl/ray$TAG.tar.xz" -C "$SITE" &&
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
