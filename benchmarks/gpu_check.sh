@@ -128,6 +128,6 @@ for pid, mib in peak.items():
 PY
 fi
 # The figures and CSVs in one archive (a device call brings back a few files only), the logs beside it.
-(cd "$OUT" && find . -path ./cache -prune -o \( -name "*.csv" -o -name "*.png" -o -name "*.json" -o -name "*.txt" \) \
+(cd "$OUT" && find . \( -path ./cache -o -path ./site \) -prune -o \( -name "*.csv" -o -name "*.png" -o -name "*.json" -o -name "*.txt" \) \
   -not -name "result.json" -print 2>/dev/null | grep -v "/checkpoint_" | tar -czf results.tar.gz -T - 2>/dev/null)
 log "done: $OUT/summary.txt, $OUT/results.tar.gz"
