@@ -38,7 +38,9 @@ def main() -> None:
     from redheart_tune.config import cache_dir, load_config
     from redheart_tune.data import prepare_data
     from redheart_tune.engine.checkpoints import write_checkpoint
-    from redheart_tune.engine.loop import build_training, train_epoch, validate_state, weight_stats
+    from redheart_tune.engine.loop import build_training, train_epoch
+    from redheart_tune.engine.stats import weight_stats
+    from redheart_tune.engine.validation import validate_state
     from redheart_tune.tune.resources import start_ray, torch_threads
     from redheart_tune.tune.train import run_train
     from redheart_tune.tune.trainable import is_checkpoint_epoch, resume_state

@@ -277,7 +277,7 @@ def chosen(experiment):
 
 
 def test_group_greedy_soup_keeps_what_lowers_each_units_recomputed_loss(chosen):
-    from redheart_tune.engine.loop import validate
+    from redheart_tune.engine.validation import validate
 
     run, s, view, spots = chosen
     members, record = group_greedy_members(run, spots, view, s)

@@ -18,7 +18,7 @@ import torch
 
 from redheart_tune.config import MemoryConfig
 from redheart_tune.engine.memory import budget as bm
-from redheart_tune.engine.memory.plan import GiB
+from redheart_tune.engine.memory.sizes import GiB
 
 MiB = 2**20
 CARD = 140 * GiB

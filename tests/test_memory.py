@@ -9,7 +9,7 @@ import torch
 
 from redheart_tune.config import cache_dir, load_config
 from redheart_tune.data import iterate_batches, prepare_data, task_specs
-from redheart_tune.engine.loop import build_training, choose_precision, train_epoch, validate_state
+from redheart_tune.engine.loop import build_training, choose_precision, train_epoch
 from redheart_tune.engine.memory import (
     GiB,
     PlanError,
@@ -22,7 +22,8 @@ from redheart_tune.engine.memory import (
     train_step,
 )
 from redheart_tune.engine.memory.dsm import Candidate, swap_out_count
-from redheart_tune.engine.memory.plan import moment_window_bytes, shard_partition
+from redheart_tune.engine.memory.sizes import moment_window_bytes, shard_partition
+from redheart_tune.engine.validation import validate_state
 from redheart_tune.model.groups import GROUPS, NEVER_SWAPPED, selection_units
 from redheart_tune.tune.resources import trial_device
 from tests.conftest import REPO

@@ -26,8 +26,9 @@ import torch
 from benchmarks.synthetic import synthetic_data
 from redheart_tune.config import load_config
 from redheart_tune.data import iterate_batches
-from redheart_tune.engine.loop import build_training, train_epoch, validate_state
+from redheart_tune.engine.loop import build_training, train_epoch
 from redheart_tune.engine.memory import GiB, Window, configure_allocator, train_step, trial_budget
+from redheart_tune.engine.validation import validate_state
 from tests.conftest import REPO
 
 pytestmark = [

@@ -1,13 +1,14 @@
 """One explicit training loop in plain PyTorch: no Ray here, so tests and benchmarks can call it bare.
 
-state = build_training(cfg, data, lr, epochs, device)
-for epoch in range(1, epochs + 1):
-    train_stats = train_epoch(state, data, epoch)
-    val = validate_state(state, data, "val")
+    state = build_training(cfg, data, lr, epochs, device)
+    for epoch in range(1, epochs + 1):
+        train_stats = train_epoch(state, data, epoch)
+        val = validate_state(state, data, "val")     # engine/validation.py
 
 Where the weights live (all on the device, or streamed unit by unit through a GPU
-budget) is the memory component's business (``tune.memory``): the loop hands it
-each window of ``grad_accum`` micro-batches and gets the step's numbers back.
+budget) is the memory component's business (``engine.memory``): the loop hands it
+each window of ``grad_accum`` micro-batches and gets the step's numbers back
+(``engine.memory.step.train_step``).  The LR schedule is in ``engine/schedule.py``.
 """
 
 from __future__ import annotations
@@ -34,30 +35,23 @@ from redheart_tune.engine.memory import (
     cpu_budget,
     loss_weights,
     plan_for,
-    predict_outputs,
     total_of,
     train_step,
 )
-from redheart_tune.model.family import RedHeart, build_model, fuse
-from redheart_tune.model.groups import MODULE_TASK, UNIT_MODULES, UNITS
-from redheart_tune.model.losses import metric_sums, module_losses, total_loss
+from redheart_tune.engine.schedule import Schedule, lr_factor
+from redheart_tune.model.family import RedHeart, build_model
+from redheart_tune.model.groups import UNIT_MODULES, UNITS
 from redheart_tune.model.tasks import TaskSpec
 
 __all__ = [
     "EpochResult",
     "NonFiniteLossError",
-    "Schedule",
     "StepInfo",
     "TrainingState",
-    "ValidationResult",
     "build_training",
     "choose_precision",
-    "lr_factor",
     "seed_everything",
     "train_epoch",
-    "validate",
-    "validate_state",
-    "weight_stats",
 ]
 
 
@@ -66,54 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------
-# Learning-rate schedule: linear warm-up, then cosine cycles that really restart.
-
-
-def lr_factor(step: int, *, warmup_steps: int, cycle_steps: int, min_ratio: float) -> float:
-    """LR multiplier at optimizer step ``step`` (0-based).
-
-    Warm-up rises linearly to 1; after it, cosine cycles of ``cycle_steps`` fall
-    from 1 to ``min_ratio`` and restart at 1 (SGDR).  The original's first cycle
-    was longer than its run and never restarted; here the cycle length is in
-    epochs, so a 60-epoch run with 10-epoch cycles restarts five times.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    t = (step - warmup_steps) % cycle_steps
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / cycle_steps))
-
-
-class Schedule:
-    """The LR of every unit's optimizer: ``peak_lr * lr_factor(step)``, one count for all of them."""
-
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], peak_lr: float, factor):
-        self.optimizers, self.peak_lr, self.factor = optimizers, peak_lr, factor
-        self.step_count = 0
-        self._apply()
-
-    @property
-    def lr(self) -> float:
-        return self.peak_lr * self.factor(self.step_count)
-
-    def _apply(self) -> None:
-        lr = self.lr
-        for opt in self.optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = lr
-
-    def step(self) -> None:
-        self.step_count += 1
-        self._apply()
-
-    def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "peak_lr": self.peak_lr}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self._apply()
 
 
 # ---------------------------------------------------------------------------
@@ -265,58 +211,6 @@ def build_training(
 
 
 # ---------------------------------------------------------------------------
-# Statistics
-
-
-def weight_stats(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per-parameter weight statistics (mean, std, norm, sparsity = share of |w| < 1e-6)."""
-    out = {}
-    for name, p in model.named_parameters():
-        w = p.detach().float()
-        values = torch.stack(
-            [
-                w.mean(),
-                w.std() if w.numel() > 1 else w.new_zeros(()),
-                w.norm(),
-                (w.abs() < 1e-6).float().mean(),
-            ]
-        ).tolist()
-        out[name] = dict(zip(("mean", "std", "norm", "sparsity"), values, strict=True))
-    return out
-
-
-class ActivationStats:
-    """Running mean, std and share of zeros of every module's activations (``RedHeart.forward_unit``'s
-    ``record`` callback), kept as device tensors until ``result()``."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}  # module -> [n, sum, sum_sq, zeros]
-
-    def __call__(self, module: str, t: torch.Tensor) -> None:
-        t = t.detach().float()
-        row = torch.stack([t.new_full((), float(t.numel())), t.sum(), (t * t).sum(), (t == 0).sum().float()])
-        acc = self.sums.get(module)
-        self.sums[module] = row.double() if acc is None else acc + row.double()
-
-    def result(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for key, acc in self.sums.items():
-            n, s, sq, z = acc.tolist()
-            mean = s / n
-            out[key] = {"mean": mean, "std": math.sqrt(max(sq / n - mean * mean, 0.0)), "zero_share": z / n}
-        return out
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated since the last reset on CUDA, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-# ---------------------------------------------------------------------------
 # Train and validate
 
 
@@ -415,92 +309,4 @@ def train_epoch(
         skipped_units=skipped,
         memory_moves=moves,
         memory_trace=trace,
-    )
-
-
-@dataclass
-class ValidationResult:
-    loss: float  # total loss, the same weighting as training
-    module_loss: dict[str, float]
-    module_metric: dict[str, float]  # accuracy (classification tasks) or MAE (regression)
-    task_metric: dict[str, float]  # of the fused prediction per task
-    accuracy: float  # the headline: fused emotion accuracy
-    activations: dict | None = None
-
-
-@torch.no_grad()
-def validate(
-    model: RedHeart,
-    data: EncodedData,
-    split: str,
-    *,
-    tasks: dict[str, TaskSpec],
-    task_weights: dict[str, float],
-    fusion_weights: dict[str, float],
-    device: torch.device,
-    batch_size: int = 256,
-    autocast_dtype: torch.dtype | None = None,
-    placement=None,
-    collect_activations: bool = False,
-) -> ValidationResult:
-    """Every module's own loss and metric on a real split, in one pass (the table the sweet-spot analysis reads).
-
-    ``placement``: a streaming one runs the units outer (each visits the device
-    once per pass); without one the model must already be on ``device``.
-    """
-    activations = ActivationStats() if collect_activations else None
-    loss_sums: dict[str, float] = {}
-    metric_acc: dict[str, list[float]] = {}
-    fused_acc: dict[str, list[float]] = {}
-    total, rows = 0.0, 0
-    batches = list(iterate_batches(data, split, batch_size, shuffle=False, generator=None))
-    outputs_of = predict_outputs(
-        model, batches, device=device, autocast_dtype=autocast_dtype, placement=placement, record=activations
-    )
-    for batch, outputs in zip(batches, outputs_of, strict=True):
-        batch = batch.to(device)
-        losses = module_losses(outputs, batch.targets, batch.target_mask, tasks)
-        bsz = len(batch)
-        for m, v in losses.items():
-            loss_sums[m] = loss_sums.get(m, 0.0) + v.item() * bsz
-        total += total_loss(losses, task_weights).item() * bsz
-        rows += bsz
-        for m, out in outputs.items():
-            task = MODULE_TASK[m]
-            s, n = metric_sums(out, batch.targets[task], batch.target_mask[task], tasks[task])
-            acc = metric_acc.setdefault(m, [0.0, 0.0])
-            acc[0] += float(s)
-            acc[1] += float(n)
-        for task, pred in fuse(outputs, tasks, fusion_weights).items():
-            s, n = metric_sums(pred, batch.targets[task], batch.target_mask[task], tasks[task])
-            acc = fused_acc.setdefault(task, [0.0, 0.0])
-            acc[0] += float(s)
-            acc[1] += float(n)
-    task_metric = {t: s / max(n, 1) for t, (s, n) in fused_acc.items()}
-    return ValidationResult(
-        loss=total / max(rows, 1),
-        module_loss={m: v / max(rows, 1) for m, v in loss_sums.items()},
-        module_metric={m: s / max(n, 1) for m, (s, n) in metric_acc.items()},
-        task_metric=task_metric,
-        accuracy=task_metric.get("emotion", float("nan")),
-        activations=activations.result() if activations else None,
-    )
-
-
-def validate_state(
-    state: TrainingState, data: EncodedData, split: str = "val", *, collect_activations: bool = False
-) -> ValidationResult:
-    """``validate`` with a training state's model, device, precision, placement and loss settings."""
-    return validate(
-        state.model,
-        data,
-        split,
-        tasks=state.tasks,
-        task_weights=state.task_weights,
-        fusion_weights=state.fusion_weights,
-        device=state.device,
-        batch_size=state.eval_batch_size,
-        autocast_dtype=state.autocast_dtype,
-        placement=state.placement,
-        collect_activations=collect_activations,
     )

@@ -37,17 +37,11 @@ from redheart_tune.engine.checkpoints import (
     write_checkpoint,
     write_timing,
 )
-from redheart_tune.engine.loop import (
-    NonFiniteLossError,
-    TrainingState,
-    build_training,
-    peak_memory_mb,
-    train_epoch,
-    validate_state,
-    weight_stats,
-)
+from redheart_tune.engine.loop import NonFiniteLossError, TrainingState, build_training, train_epoch
 from redheart_tune.engine.memory import GiB, configure_allocator, format_plan, out_of_memory, trial_budget
 from redheart_tune.engine.progress import Progress, trial_files
+from redheart_tune.engine.stats import peak_memory_mb, weight_stats
+from redheart_tune.engine.validation import validate_state
 from redheart_tune.model.groups import GROUPS, MODULE_TASK
 from redheart_tune.tune.resources import describe_device, trial_device, trial_threads
 from redheart_tune.util.console import quiet_trial

@@ -5,7 +5,7 @@
     train_step(state, window)                                  # one optimizer step, resident or streamed
 
 The training loop asks this package for the step and knows nothing else about
-where the weights live.  See plan.py for the arithmetic, placement.py for the
+where the weights live.  See sizes.py and plan.py for the arithmetic, placement.py for the
 moves, dsm.py for the run-time rule and step.py for why the results do not
 depend on the strategy.
 """
@@ -29,16 +29,8 @@ from redheart_tune.engine.memory.budget import (
 )
 from redheart_tune.engine.memory.dsm import SwapManager
 from redheart_tune.engine.memory.placement import Placement
-from redheart_tune.engine.memory.plan import (
-    GiB,
-    MemoryPlan,
-    PlanError,
-    PlanSettings,
-    UnitSize,
-    format_plan,
-    make_plan,
-    measure_units,
-)
+from redheart_tune.engine.memory.plan import MemoryPlan, PlanError, PlanSettings, format_plan, make_plan
+from redheart_tune.engine.memory.sizes import GiB, UnitSize, measure_units
 from redheart_tune.engine.memory.step import (
     LOSS_COLUMNS,
     EvalMover,

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from redheart_tune.config import MemoryConfig
-from redheart_tune.engine.memory.plan import GiB, MemoryPlan, size
+from redheart_tune.engine.memory.plan import MemoryPlan
+from redheart_tune.engine.memory.sizes import GiB, size
 
 log = logging.getLogger(__name__)
 

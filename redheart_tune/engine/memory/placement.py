@@ -31,8 +31,9 @@ from torch import nn
 
 from redheart_tune.engine.memory.budget import Budget, refresh_context
 from redheart_tune.engine.memory.dsm import Candidate, SwapManager
-from redheart_tune.engine.memory.plan import MOMENT_BYTES, WEIGHT_BYTES, MemoryPlan, UnitSize, replan
+from redheart_tune.engine.memory.plan import MemoryPlan, replan
 from redheart_tune.engine.memory.sharded import sharded_step
+from redheart_tune.engine.memory.sizes import MOMENT_BYTES, WEIGHT_BYTES, UnitSize
 from redheart_tune.engine.memory.transfer import MOMENTS, Meter, Mover, Slot, page_locked
 from redheart_tune.model.groups import selection_units
 

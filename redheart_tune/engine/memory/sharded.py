@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from redheart_tune.engine.memory.plan import MOMENT_BYTES, shard_partition
+from redheart_tune.engine.memory.sizes import MOMENT_BYTES, shard_partition
 from redheart_tune.engine.memory.transfer import MOMENTS, Meter, Mover, Slot
 
 
