@@ -1,7 +1,7 @@
 """The analyzers: neural_* (group B, linked by a shared exchange) and advanced_* (independent).
 
 Both read the encoder's real token sequence with its padding mask.  The neural
-analyzers follow the original's recipe (per-token MLP, optional self-attention,
+analyzers follow the Red Heart recipe (per-token MLP, optional self-attention,
 bidirectional LSTM/GRU, mixture of experts) and then exchange summaries: each
 one attends over the other three's messages before it predicts.  That exchange is
 why group B is linked.  The advanced analyzers are independent Transformer

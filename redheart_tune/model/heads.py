@@ -1,9 +1,9 @@
 """The four task heads of group A.  Each reads its own task feature from the backbone.
 
-The original's heads ran self-attention, LSTMs and GRUs over a single vector
-(a "sequence" of one repeated row).  A feature vector is not a sequence, so the
-heads here are what that computation amounted to, done honestly: an MLP trunk, a
-dense mixture of experts and residual MLP blocks, sized per task by the preset.
+A head reads one feature vector, not a sequence: self-attention or an RNN over a
+"sequence" of one repeated row computes nothing a dense layer does not.  So each
+head is an MLP trunk, a dense mixture of experts and residual MLP blocks, sized
+per task by the preset.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The phase networks (independent): small readers of the encoder output.
 
 phase0 calibrates an emotion prediction from the pooled sentence vector; phase1
-learns regret from pooled tokens; phase2 (never finished in the original) treats
-the tokens as members of a community that interact before a verdict on the
-Bentham scores.
+learns regret from pooled tokens; phase2 treats the tokens as members of a
+community that interact before a verdict on the Bentham scores.
 """
 
 from __future__ import annotations
