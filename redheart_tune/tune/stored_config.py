@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from redheart_tune.config import Config, cache_dir, config_from_dict, config_to_dict, is_uri, with_overrides
-from redheart_tune.engine.checkpoints import MANIFEST, META
 from redheart_tune.layout import CONFIG_FILE, SPLIT_FILE
-from redheart_tune.tune.recovery import ExperimentError
+from redheart_tune.tune.recovery import ExperimentError, checkpoint_epochs
 from redheart_tune.tune.storage import push
 from redheart_tune.util.files import write_json_atomic
 
@@ -126,12 +125,7 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[Config, str]:
 
 def newest_checkpoint_epoch(path: Path) -> int:
     """The epoch of the newest complete checkpoint under an experiment (0 when there is none)."""
-    epochs = [
-        json.loads((d / META).read_text())["epoch"]
-        for d in Path(path).glob("*/checkpoint_*")
-        if (d / MANIFEST).is_file() and (d / META).is_file()
-    ]
-    return max(epochs, default=0)
+    return max((e for trial in Path(path).glob("*") if trial.is_dir() for e in checkpoint_epochs(trial)), default=0)
 
 
 def check_same_config(path: Path, cfg: Config, stage: str, ignore: tuple[str, ...] = ()) -> None:
