@@ -10,6 +10,8 @@ Rows, each in a process of its own, so a memory cap or the allocator's cache nev
     stream        memory.strategy=stream under the budget (redheart_tune/engine/memory: units outer, micro-batches inner)
     cpu_offload   torchao's CPUOffloadOptimizer (AdamW on the CPU, weights and gradients on the GPU)
                   under the budget; it cannot clip gradients, so that row runs unclipped
+    stream_compiled   stream with optim.compile=true (each unit's forward under torch.compile); on request
+                  (--rows stream,stream_compiled): its first step compiles every unit, so give it --timeout
 
 Columns: peak reserved + CUDA context (what must fit the card), peak allocated, median
 optimizer-step time (steps 2..N, synchronised), bytes moved between CPU and GPU per step
@@ -34,10 +36,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ("resident", "stream", "cpu_offload")
+ALL_ROWS = (*ROWS, "stream_compiled")
 GiB = 2**30
 
 
-def _config(args, strategy: str, budget_gb: float):
+def _config(args, strategy: str, budget_gb: float, compiled: bool = False):
     from redheart_tune.config import load_config
 
     return load_config(
@@ -51,6 +54,7 @@ def _config(args, strategy: str, budget_gb: float):
             "optim.lr=1e-4",
             f"memory.strategy={strategy}",
             f"memory.gpu_budget_gb={budget_gb}",
+            f"optim.compile={str(compiled).lower()}",
         ],
     )
 
@@ -86,8 +90,9 @@ def _memory(device: torch.device, budget, peaks: dict | None = None) -> dict:
     }
 
 
-def row_placement(args, strategy: str) -> dict:
-    """resident or stream: the project's own training step (tune.memory.train_step)."""
+def row_placement(args, strategy: str, compiled: bool = False) -> dict:
+    """resident or stream: the project's own training step (engine.memory.train_step), eager or compiled."""
+    row = f"{strategy}_compiled" if compiled else strategy
     from benchmarks.synthetic import synthetic_data
     from redheart_tune.engine.loop import build_training
     from redheart_tune.engine.memory import Window, total_of, train_step, trial_budget
@@ -99,7 +104,7 @@ def row_placement(args, strategy: str) -> dict:
         budget_gb = card if strategy == "resident" else args.budget_gb
     else:
         budget_gb = args.budget_gb
-    cfg = _config(args, strategy, budget_gb)
+    cfg = _config(args, strategy, budget_gb, compiled)
     data = synthetic_data(args.batch * args.accum * (args.steps + 1), args.tokens, seed=0)
     budget = trial_budget(cfg, device, 1.0)
     t0 = time.perf_counter()
@@ -121,7 +126,7 @@ def row_placement(args, strategy: str) -> dict:
             loss = float(total_of(result, state.loss_weights).mean())
     except torch.OutOfMemoryError as exc:
         return {
-            "row": strategy,
+            "row": row,
             "error": f"out of memory after {len(times)} steps: {str(exc).splitlines()[0]}",
             "build_s": build_s,
             **_memory(device, state.placement.budget, state.placement.take_peaks()),
@@ -136,12 +141,12 @@ def row_placement(args, strategy: str) -> dict:
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         averages = prof.key_averages()
         Path(args.profile).write_text(
-            f"{strategy}\n{averages.table(sort_by=key, row_limit=40)}\n\nby CPU time\n"
+            f"{row}\n{averages.table(sort_by=key, row_limit=40)}\n\nby CPU time\n"
             f"{averages.table(sort_by='self_cpu_time_total', row_limit=40)}\n"
         )
     plan = state.placement.plan
     return {
-        "row": strategy,
+        "row": row,
         "budget_gib": budget.bytes / GiB,
         "plan": f"{plan.strategy}; streamed: {', '.join(plan.streamed) or 'none'}",
         "plan_peak_gib": (plan.peak_bytes + plan.context_bytes) / GiB,
@@ -249,6 +254,8 @@ def run_row(args) -> dict:
     torch.manual_seed(0)
     if args.row == "cpu_offload":
         return row_cpu_offload(args)
+    if args.row == "stream_compiled":
+        return row_placement(args, "stream", compiled=True)
     return row_placement(args, args.row)
 
 
@@ -301,6 +308,13 @@ def verdict(rows: list[dict], budget_gb: float, device: str) -> list[str]:
                 f"stream peak reserved + context {st['peak_reserved_gib']:.2f} GiB against the {budget_gb:g} GiB budget: "
                 f"{'met' if ok else 'MISSED'} (the plan estimated {st['plan_peak_gib']:.2f} GiB)"
             )
+    if "stream" in by and "stream_compiled" in by:
+        st, co = by["stream"], by["stream_compiled"]
+        out.append(
+            f"compiled / eager stream step time: {co['step_s'] / st['step_s']:.2f}x "
+            f"(compiling took {co['first_step_s'] - st['first_step_s']:.0f} s of the first step); "
+            f"loss {co['loss']:.5f} against {st['loss']:.5f}"
+        )
     return out
 
 
@@ -312,13 +326,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--budget-gb", type=float, default=8.0)
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ALL_ROWS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per row")
     ap.add_argument("--json", type=Path, help="write the rows here too")
     ap.add_argument("--profile", type=Path, help="profile the last step of each row; tables to PATH.<row>.txt")
     ap.add_argument("--quick", action="store_true", help="3 steps and 80 s per row: the three rows in ~3 min")
-    ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one row, in this process
+    ap.add_argument("--row", choices=ALL_ROWS, help=argparse.SUPPRESS)  # one row, in this process
     args = ap.parse_args()
     if args.quick:
         args.steps, args.timeout = 3, min(args.timeout, 80)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -51,3 +52,22 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def first_gradients(state):
+    """Every parameter's gradient (by name) as its unit's optimizer first steps, captured while inside."""
+    grads: dict = {}
+
+    def capture(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.setdefault(state.param_names[p], p.grad.detach().clone())
+
+    handles = [opt.register_step_pre_hook(capture) for opt in state.optimizers.values()]
+    try:
+        yield grads
+    finally:
+        for h in handles:
+            h.remove()

@@ -19,7 +19,7 @@ from redheart_tune.config import ConfigError, cache_dir, load_config
 from redheart_tune.data import iterate_batches, prepare_data
 from redheart_tune.engine.loop import build_training
 from redheart_tune.engine.memory import Window, format_plan, train_step
-from tests.conftest import REPO
+from tests.conftest import REPO, first_gradients
 
 
 def smoke(data_cache, *overrides: str):
@@ -35,22 +35,12 @@ def data(data_cache):
 def _gradients(cfg, data) -> tuple[dict[str, torch.Tensor], object]:
     """Every parameter's gradient at the first optimizer step (captured as each unit steps)."""
     state = build_training(cfg, data, 1e-3, 1, torch.device("cpu"))
-    grads: dict[str, torch.Tensor] = {}
-
-    def capture(optimizer, args, kwargs):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    grads[state.param_names[p]] = p.grad.detach().clone()
-
-    handles = [opt.register_step_pre_hook(capture) for opt in state.optimizers.values()]
     batches = iterate_batches(
         data, "train", cfg.optim.batch_size, shuffle=True, generator=torch.Generator().manual_seed(3)
     )
     window = [next(batches) for _ in range(cfg.optim.grad_accum)]
-    result = train_step(state, Window(epoch=1, step=1, first_batch=0, batches=window))
-    for h in handles:
-        h.remove()
+    with first_gradients(state) as grads:
+        result = train_step(state, Window(epoch=1, step=1, first_batch=0, batches=window))
     return grads, (state, result)
 
 

@@ -31,7 +31,9 @@ from redheart_tune.engine.memory import (
     NonFiniteLossError,
     Placement,
     SwapManager,
+    UnitForward,
     Window,
+    compiled_forwards,
     cpu_budget,
     loss_weights,
     plan_for,
@@ -92,6 +94,7 @@ class TrainingState:
     pad_multiple: int = 1  # a forward pass's tokens are padded to a multiple of this (few shapes)
     max_tokens: int | None = None
     setup_s: dict[str, float] = field(default_factory=dict)  # build_training's phases: model, plan, placement
+    forwards: dict[str, UnitForward] | None = None  # each unit's compiled forward (optim.compile); None: eager
 
     def state_dict(self) -> dict:
         """Everything but the weights that a resume needs to continue bit for bit: each unit's AdamW,
@@ -207,6 +210,7 @@ def build_training(
         pad_multiple=cfg.optim.pad_multiple,
         max_tokens=cfg.data.max_tokens,
         setup_s=setup_s,
+        forwards=compiled_forwards(model) if cfg.optim.compile else None,
     )
 
 

@@ -24,7 +24,8 @@ end (``read_results``): losses are masked sums, the RNNs pack by CPU lengths.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,6 +60,7 @@ class TrainingState(Protocol):
     param_names: dict[nn.Parameter, str]
     pad_multiple: int
     max_tokens: int | None
+    forwards: dict[str, UnitForward] | None  # compiled unit forwards (optim.compile), or None: eager
 
 UNIT_INDEX: dict[str, int] = {u: i for i, u in enumerate(UNITS)}
 PREDICTING: tuple[str, ...] = tuple(m for m in MODULES if MODULE_TASK[m] is not None)
@@ -181,13 +183,29 @@ def seed_dropout(device: torch.device, seed: int) -> None:
         torch.default_generator.manual_seed(seed)
 
 
+UnitForward = Callable[..., dict[str, torch.Tensor]]
+"""``RedHeart.forward_unit`` with its unit bound: (tokens, mask, pooled, lengths=, checkpoint=) -> outputs."""
+
+
+def compiled_forwards(model: RedHeart) -> dict[str, UnitForward]:
+    """Each unit's forward under ``torch.compile`` with static shapes (``optim.compile``).
+
+    Every unit runs the same code object (``RedHeart.forward_unit``) with its name as a guard, and
+    each pass shape is its own entry too: ten units times a few shapes need more entries than
+    Dynamo's default of 8 per code object, past which it would run the rest eagerly.
+    """
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, limit, max(getattr(config, limit), 16 * len(UNITS)))
+    return {u: torch.compile(functools.partial(model.forward_unit, u), dynamic=False) for u in UNITS}
+
+
 def _forward(state: TrainingState, unit: str, p: Pass, index: int, epoch: int):
     seed_dropout(state.device, dropout_seed(state.seed, epoch, index, unit))
     checkpoint = state.placement.plan.unit(unit).checkpoint
+    forward = state.forwards[unit] if state.forwards else functools.partial(state.model.forward_unit, unit)
     with autocast(state.device, state.autocast_dtype):
-        return state.model.forward_unit(
-            unit, p.batch.tokens, p.batch.mask, p.batch.pooled, lengths=p.lengths, checkpoint=checkpoint
-        )
+        return forward(p.batch.tokens, p.batch.mask, p.batch.pooled, lengths=p.lengths, checkpoint=checkpoint)
 
 
 HEADS: tuple[str, ...] = tuple(m for m in GROUPS["group_a"] if MODULE_TASK[m] is not None)
