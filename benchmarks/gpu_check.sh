@@ -9,7 +9,7 @@
 #            its epoch times, start-up costs, checkpoint write/hash seconds and results table     ALL_S=330
 #   profile  one stream step profiled (top operators by CUDA time), untimed (not in the default PARTS) PROFILE_S=160
 #   compile  the stream step eager against optim.compile=true, 4 steps each (not in the default PARTS;
-#            the compiled row's first step compiles every unit)                                   COMPILE_S=300
+#            the compiled row's first step compiles every unit; each row at most 300 s)          COMPILE_S=480
 # The timeouts add up to 11 minutes; a session with less device time picks parts: PARTS="tests bench".
 # nvidia-smi --query-compute-apps is sampled every 0.5 s throughout: each process's real use, context included.
 # Everything goes to $OUT (default runs/gpu_check): logs, summary.txt, and results.tar.gz (the figures and CSVs).
@@ -56,13 +56,13 @@ fi
 if [ -n "${DRY:-}" ]; then
   BENCH=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 2 --accum 4 --timeout 120)
   PROFILE=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 1 --accum 4 --timeout 120)
-  COMPILE=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 4 --accum 4 --timeout 280)
+  COMPILE=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 4 --accum 4 --timeout 300)
   ALL=(model.preset=tiny resources.gpu=0 resources.cpus_per_trial=1 resources.ray_num_cpus=2 optim.grad_accum=2
     "data.cache_dir=${CACHE:-$OUT/cache}")
 else
   BENCH=(--quick --accum 16 --batch 4 --tokens 128)
   PROFILE=(--steps 2 --accum 16 --batch 4 --tokens 128 --timeout 150)
-  COMPILE=(--steps 4 --accum 16 --batch 4 --tokens 128 --timeout 240)
+  COMPILE=(--steps 4 --accum 16 --batch 4 --tokens 128 --timeout 300)
   ALL=(resources.gpu=0.5 resources.cpus_per_trial=4 memory.gpu_budget_gb=8 "data.cache_dir=${CACHE:-$PWD/$CARRY/cache}")
 fi
 # The `all` part's data: benchmarks/gpu_carry.sh builds its cache with these same settings.
@@ -120,7 +120,7 @@ fi
 
 if has compile; then
   log "compile: the stream step eager and compiled"
-  timeout -k 5 ${COMPILE_S:-300} $PY -m benchmarks.memory_gpu "${COMPILE[@]}" --rows stream,stream_compiled \
+  timeout -k 5 ${COMPILE_S:-480} $PY -m benchmarks.memory_gpu "${COMPILE[@]}" --rows stream,stream_compiled \
     --json "$OUT/compile.json" > "$OUT/compile.log" 2>&1
   log "compile rc=$?"
   grep -v '^\[' "$OUT/compile.log" | tail -5 | tee -a "$OUT/summary.txt"

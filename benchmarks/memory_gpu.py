@@ -367,12 +367,12 @@ def main() -> None:
         result["wall_s"] = time.perf_counter() - t0
         rows.append(result)
         print(f"[{row}] {json.dumps(result)}", flush=True)
+        if args.json:  # row by row, so an outer time limit keeps the rows already measured
+            args.json.write_text(json.dumps(rows, indent=2))
     print()
     print(table(rows))
     for line in verdict(rows, args.budget_gb, args.device):
         print(line)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -152,10 +152,12 @@ class OptimConfig(Section):
     """Rows per forward and backward pass, a multiple of batch_size up to batch_size * grad_accum; 0 (auto):
     the largest the memory plan fits.  A speed knob, not a math knob: the loss weighs each row as its
     micro-batch of batch_size rows would, so the gradient is the accumulated one whatever the setting."""
-    compile: bool = False
+    compile: StrictBool = False
     """torch.compile each unit's forward (and so its backward) in training, with static shapes: a GPU
     step launches far fewer kernels.  Every new pass shape compiles once (seconds to minutes; a CPU
-    needs a C++ compiler); the numbers match eager within rounding.  Validation stays eager."""
+    needs a C++ compiler).  Without dropout the numbers match eager within rounding; compiled dropout
+    draws other masks than eager (seeded the same way per pass).  A unit whose turn is checkpointed and validation
+    stay eager."""
     grad_clip: NonNegative = 1.0
     """Max global gradient norm (0 disables clipping)."""
     warmup_ratio: Float = Field(0.1, ge=0.0, lt=1.0)

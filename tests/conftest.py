@@ -62,8 +62,8 @@ def first_gradients(state):
     def capture(optimizer, args, kwargs):
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    grads.setdefault(state.param_names[p], p.grad.detach().clone())
+                if p.grad is not None and state.param_names[p] not in grads:
+                    grads[state.param_names[p]] = p.grad.detach().clone()
 
     handles = [opt.register_step_pre_hook(capture) for opt in state.optimizers.values()]
     try:

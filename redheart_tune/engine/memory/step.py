@@ -188,7 +188,8 @@ UnitForward = Callable[..., dict[str, torch.Tensor]]
 
 
 def compiled_forwards(model: RedHeart) -> dict[str, UnitForward]:
-    """Each unit's forward under ``torch.compile`` with static shapes (``optim.compile``).
+    """Each unit's forward under ``torch.compile`` with static shapes (``optim.compile``); a turn whose
+    plan checkpoints the unit runs it eagerly (``_forward``).
 
     Every unit runs the same code object (``RedHeart.forward_unit``) with its name as a guard, and
     each pass shape is its own entry too: ten units times a few shapes need more entries than
@@ -203,7 +204,10 @@ def compiled_forwards(model: RedHeart) -> dict[str, UnitForward]:
 def _forward(state: TrainingState, unit: str, p: Pass, index: int, epoch: int):
     seed_dropout(state.device, dropout_seed(state.seed, epoch, index, unit))
     checkpoint = state.placement.plan.unit(unit).checkpoint
-    forward = state.forwards[unit] if state.forwards else functools.partial(state.model.forward_unit, unit)
+    # A checkpointed unit runs eagerly: its backward recomputes the forward eagerly, and that must draw
+    # the dropout masks the forward drew (compiled dropout draws its own).
+    compiled = state.forwards is not None and not checkpoint
+    forward = state.forwards[unit] if compiled else functools.partial(state.model.forward_unit, unit)
     with autocast(state.device, state.autocast_dtype):
         return forward(p.batch.tokens, p.batch.mask, p.batch.pooled, lengths=p.lengths, checkpoint=checkpoint)
 
