@@ -26,6 +26,7 @@ first.  Only ``trial_files`` asks Ray anything.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -259,8 +260,7 @@ class Progress:
         time over the median of the first epoch's later ones (CUDA's and cuDNN's initialisation, the
         streamed units' moments allocated and page-locked, the allocator's first growth)."""
         steps = self.first_steps
-        later = sorted(steps[1:])
-        typical = later[len(later) // 2] if later else None
+        typical = statistics.median_high(steps[1:]) if steps[1:] else None
         extra = max(0.0, steps[0] - typical) if steps and typical is not None else 0.0
         home_bytes = getattr(self.placement, "home_bytes", 0)
         return {
