@@ -44,6 +44,7 @@ from redheart_tune.engine.schedule import Schedule, lr_factor
 from redheart_tune.model.family import RedHeart, build_model
 from redheart_tune.model.groups import UNIT_MODULES, UNITS
 from redheart_tune.model.tasks import TaskSpec
+from redheart_tune.util.timing import timed
 
 __all__ = [
     "EpochResult",
@@ -162,21 +163,21 @@ def build_training(
     if device.type == "cuda" and budget is None:
         raise ValueError("a CUDA trial needs its measured budget (tune.memory.trial_budget)")
     budget = budget or cpu_budget(cfg.memory)
-    setup_s, t = {}, time.perf_counter()
-    seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, data.tasks, data.input_dim)  # on the CPU; the placement moves it
-    optimizers = {
-        unit: torch.optim.AdamW(unit_param_groups(model, unit, cfg.optim.weight_decay), lr=lr)
-        for unit in UNITS
-    }
-    setup_s["model"], t = time.perf_counter() - t, time.perf_counter()
-    plan, sizes = plan_for(cfg, data.tasks, data.input_dim, device=device.type, budget=budget)
-    setup_s["plan"], t = time.perf_counter() - t, time.perf_counter()
+    setup_s: dict[str, float] = {}
+    with timed(setup_s, "model"):
+        seed_everything(cfg.run.seed)
+        model = build_model(cfg.model, data.tasks, data.input_dim)  # on the CPU; the placement moves it
+        optimizers = {
+            unit: torch.optim.AdamW(unit_param_groups(model, unit, cfg.optim.weight_decay), lr=lr)
+            for unit in UNITS
+        }
+    with timed(setup_s, "plan"):
+        plan, sizes = plan_for(cfg, data.tasks, data.input_dim, device=device.type, budget=budget)
     dsm = SwapManager(cfg.memory.target, budget.bytes) if cfg.memory.dsm and plan.device != "cpu" else None
-    placement = Placement(
-        model, optimizers, plan, sizes, device, budget, pin_memory=cfg.memory.pin_memory, dsm=dsm
-    )
-    setup_s["placement"] = time.perf_counter() - t  # resident units to the device, home buffers (pinned)
+    with timed(setup_s, "placement"):  # resident units to the device, home buffers (pinned)
+        placement = Placement(
+            model, optimizers, plan, sizes, device, budget, pin_memory=cfg.memory.pin_memory, dsm=dsm
+        )
     batches = num_batches(data, "train", cfg.optim.batch_size)
     steps_per_epoch = math.ceil(batches / cfg.optim.grad_accum)
     total = steps_per_epoch * epochs

@@ -9,6 +9,7 @@ import sys
 from ray.tune import Callback
 
 from redheart_tune.engine.checkpoints import MANIFEST, META, drop_resume_state
+from redheart_tune.util.faults import RESUME_STATES_KEPT
 
 
 class EpochPrinter(Callback):
@@ -41,7 +42,7 @@ class ResumeStatePruner(Callback):
     """Keeps the resume state (optimizer, RNGs) in the newest checkpoints only, wherever they are stored.
 
     It runs in the driver after every persisted checkpoint, on the storage's own filesystem (a local
-    directory or a bucket): while training the newest two keep it (a driver killed before its experiment
+    directory or a bucket): while training the newest ``RESUME_STATES_KEPT`` (two) keep it (a driver killed before its experiment
     snapshot names the newest checkpoint still finds one to resume from); after the last epoch only the
     newest.  ``train.keep_resume_state: all`` keeps it everywhere.
     """
@@ -51,7 +52,8 @@ class ResumeStatePruner(Callback):
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         last = (trial.last_result or {}).get("epoch") == self.epochs
-        prune_resume_states(checkpoint.filesystem, checkpoint.path.rsplit("/", 1)[0], keep=1 if last else 2)
+        keep = 1 if last else RESUME_STATES_KEPT
+        prune_resume_states(checkpoint.filesystem, checkpoint.path.rsplit("/", 1)[0], keep=keep)
 
 
 def prune_resume_states(fs, trial_dir: str, keep: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from redheart_tune.tune.resources import describe_device, trial_device, trial_th
 from redheart_tune.util.console import quiet_trial
 from redheart_tune.util.faults import FAULT, OutOfSpaceError, checkpoint_sizes, out_of_space, space_line
 from redheart_tune.util.files import write_json_atomic
+from redheart_tune.util.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,14 @@ def _run_trial(
     torch.set_num_threads(threads)
     import ray
 
-    t = time.perf_counter()
-    configure_allocator()  # before the first CUDA allocation of this worker
-    device = trial_device(ray.get_gpu_ids())
-    budget = trial_budget(cfg, device, cfg.resources.gpu)  # on a GPU: CUDA's context, measured
-    setup_s = {"device": time.perf_counter() - t}
-    t = time.perf_counter()
-    if data is None:
-        data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
-    setup_s["data"] = time.perf_counter() - t
+    setup_s: dict[str, float] = {}
+    with timed(setup_s, "device"):
+        configure_allocator()  # before the first CUDA allocation of this worker
+        device = trial_device(ray.get_gpu_ids())
+        budget = trial_budget(cfg, device, cfg.resources.gpu)  # on a GPU: CUDA's context, measured
+    with timed(setup_s, "data"):
+        if data is None:
+            data = prepare_data(cfg.data, cache_dir(cfg), show_progress=False)
     state = build_training(cfg, data, lr, epochs, device, budget=budget)
     setup_s.update(state.setup_s)
     sizes["checkpoint"] = checkpoint_sizes(state.model)
@@ -218,12 +217,10 @@ def _run_trial(
     if checkpoint is None and resume_from is not None:  # Tune's record was lost; tune.recovery chose this one
         checkpoint = Checkpoint.from_directory(resume_from)
     if checkpoint is not None:
-        t = time.perf_counter()
-        with checkpoint.as_directory() as ckpt_dir:
+        with timed(setup_s, "restore"), checkpoint.as_directory() as ckpt_dir:
             start = restore(state, Path(ckpt_dir), cfg, data) + 1
             history = json.loads((Path(ckpt_dir) / META).read_text())["loss_history"]
             size = measured_size(Path(ckpt_dir))
-        setup_s["restore"] = time.perf_counter() - t
         log.warning("resumed %s trial at epoch %d from %s", trial.name, start, checkpoint.path)
     progress.started_after(setup_s)
     refuse_known_divergence(cfg, lr)
