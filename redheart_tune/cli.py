@@ -117,6 +117,19 @@ def cmd_status(ns):
     print_status(cfg, " ".join(ns.args), watch_s=ns.watch)
 
 
+def cmd_prepare(ns):
+    cfg = load(ns)
+    from redheart_tune.config import cache_dir
+    from redheart_tune.data import prepare_data, prepare_holdout
+
+    where = cache_dir(cfg)
+    print(prepare_data(cfg.data, where, show_progress=True).summary())
+    holdout = prepare_holdout(cfg.data, where, show_progress=True)
+    if holdout is not None:
+        print(holdout.summary())
+    print(f"data cache: {where}; a machine without the encoder or the internet takes it as data.cache_dir")
+
+
 def cmd_params(ns):
     cfg = load(ns)
     from redheart_tune.engine.memory import params_text
@@ -152,6 +165,7 @@ def build_parser() -> Parser:
     every.add_argument("--seeds", type=positive_int, default=1, help="train N seeds (default 1)")
     status = add("status", cmd_status, "where the run stands, and the next command")
     status.add_argument("--watch", nargs="?", const=10, type=float, metavar="S", help="every S seconds (10)")
+    add("prepare", cmd_prepare, "fetch and encode the data and the held-out set into data.cache_dir")
     params = add("params", cmd_params, "parameters per module and group, memory estimate")
     params.add_argument("--json", action="store_true", help="the report as JSON")
     return parser

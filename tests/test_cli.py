@@ -153,13 +153,45 @@ def test_status_of_a_finished_sweep_suggests_training(tmp_path, data_cache):
 
 
 def test_help_of_every_subcommand():
-    for command in ["sweep", "train", "resume", "analyze", "crossover", "report", "all", "status", "params"]:
+    commands = ["sweep", "train", "resume", "analyze", "crossover", "report", "all", "status", "prepare"]
+    for command in [*commands, "params"]:
         out = run_py(command, "--help", timeout=60)
         assert out.returncode == 0 and out.stdout.startswith(f"usage: run.py {command}"), (
             command,
             out.stderr,
         )
     assert "--lr-from PATH" in run_py("train", "--help", timeout=60).stdout
+
+
+def test_prepare_builds_the_cache_an_offline_machine_trains_from(tmp_path, data_cache, monkeypatch):
+    """`prepare` where the encoder is; the folder it names then serves every text of the data and the
+    held-out set with the encoder package gone (an offline GPU node), and encodes nothing."""
+    import shutil
+    from importlib.metadata import PackageNotFoundError
+
+    from redheart_tune.config import load_config
+    from redheart_tune.data import encoder, prepare_data, prepare_holdout
+
+    cache = tmp_path / "cache"
+    if (data_cache / "vader").is_dir():  # the VADER files other tests fetched; the encodings start empty
+        shutil.copytree(data_cache / "vader", cache / "vader")
+    overrides = [f"data.cache_dir={cache}", "data.max_samples=60", "data.holdout_max_samples=20"]
+    out = run_py("prepare", "configs/smoke.yaml", *overrides, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "60 of 23,703 records used" in out.stdout and "held-out set of 20 records" in out.stdout, out.stdout
+    assert f"data cache: {cache};" in out.stdout
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the encoder must not be loaded: prepare encoded every text")
+
+    monkeypatch.setattr(encoder, "version", not_installed)
+    monkeypatch.setattr(encoder, "load_encoder", refuse)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    assert len(prepare_data(cfg.data, cache, show_progress=False)) == 60
+    assert len(prepare_holdout(cfg.data, cache, show_progress=False)) == 20
 
 
 def test_user_errors_are_one_line_and_a_traceback_only_with_debug(tmp_path):

