@@ -8,6 +8,9 @@
 #                            encoded here, since the encoder's weights do not travel
 #
 #   bash benchmarks/gpu_carry.sh
+#   bash benchmarks/gpu_carry.sh mid   also the cache of gpu_check.sh's `mid` part: the default data, 10,000 VADER
+#                                      sentences and the 23,000 held-out ones, every token's encoding in fp16
+#                                      (hundreds of MB; a GPU machine with the encoder installed needs none of it)
 # gpu_check.sh unpacks it when `import ray.tune` fails there. PY_VERSION=3.11 builds for another Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,18 +32,12 @@ if [ ! -f "$DEST/whl/ray$tag.tar.xz" ]; then
 fi
 dl "$DEST/whl" jsonschema jsonschema-specifications referencing rpds-py tensorboardX pydantic pydantic-core \
   annotated-types typing-inspection typing-extensions filelock torchao
+prepare() { $PY run.py prepare "$@" "data.cache_dir=$DEST/cache"; }  # a config's data cache, into $DEST/cache
 # The data settings of gpu_check.sh's `all` part (ALL_DATA there), read from the script so the two cannot differ.
 mapfile -t ALL_DATA < <(sed -n 's/^ALL_DATA=(\(.*\))$/\1/p' benchmarks/gpu_check.sh | tr ' ' '\n')
-$PY - "$DEST/cache" configs/redheart-730m.yaml "${ALL_DATA[@]}" <<'PY'
-import sys
-from pathlib import Path
-
-from redheart_tune.config import load_config
-from redheart_tune.data import prepare_data, prepare_holdout
-
-cache, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
-print(prepare_data(cfg.data, cache, show_progress=False).summary())
-prepare_holdout(cfg.data, cache, show_progress=False)
-PY
+prepare configs/redheart-730m.yaml "${ALL_DATA[@]}"
+if [ "${1:-}" = mid ]; then
+  prepare configs/default.yaml model.preset=mid  # gpu_check.sh's MID: the default data
+fi
 rm -rf "$DEST/cache/vader/download"
 du -sh "$DEST" "$DEST"/*

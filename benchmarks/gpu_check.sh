@@ -10,7 +10,13 @@
 #   profile  one stream step profiled (top operators by CUDA time), untimed (not in the default PARTS) PROFILE_S=160
 #   compile  the stream step eager against optim.compile=true, 4 steps each (not in the default PARTS;
 #            the compiled row's first step compiles every unit; each row at most 300 s)          COMPILE_S=480
-# The timeouts add up to 11 minutes; a session with less device time picks parts: PARTS="tests bench".
+#   mid      python run.py all configs/default.yaml model.preset=mid --seeds 3: the second model size's three-seed
+#            comparison on the default data; hours, so not in the default PARTS: PARTS=mid TOTAL_S=86400; cut
+#            short, the same command resumes it. Offline, it reads `gpu_carry.sh mid`'s cache    MID_S=86400
+# The whole call ends within TOTAL_S (default 470 s, under 8 minutes): each part gets its own timeout or what is
+# left of TOTAL_S, whichever is less, and a part with under 30 s left is skipped and says so. The part timeouts
+# add up to 11 minutes, so on a slow card `all` is cut first; a session with more device time runs the parts in
+# two calls (PARTS="tests bench", then PARTS=all) or raises TOTAL_S.
 # nvidia-smi --query-compute-apps is sampled every 0.5 s throughout: each process's real use, context included.
 # Everything goes to $OUT (default runs/gpu_check): logs, summary.txt, and results.tar.gz (the figures and CSVs).
 #
@@ -27,8 +33,21 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 T0=$SECONDS
+TOTAL_S=${TOTAL_S:-470}
 log() { echo "[$((SECONDS - T0))s] $*" | tee -a "$OUT/summary.txt"; }
-has() { [[ " $PARTS " == *" $1 "* ]]; }
+# A part runs when PARTS names it and at least 30 s of TOTAL_S are left after 20 s kept for the archive;
+# its timeout is then its own or what is left, whichever is less ($LIMIT).
+runs() {
+  [[ " $PARTS " == *" $1 "* ]] || return 1
+  local left=$((TOTAL_S - (SECONDS - T0) - 20))
+  if [ "$left" -lt 30 ]; then
+    log "$1: skipped, ${left}s of TOTAL_S=${TOTAL_S}s left"
+    return 1
+  fi
+  LIMIT=$(( $2 < left ? $2 : left ))
+  [ "$LIMIT" -lt "$2" ] && log "$1: ${LIMIT}s left of TOTAL_S=${TOTAL_S}s, not its ${2}s"
+  return 0
+}
 
 TAG=$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 if ! $PY -c "import ray.tune" 2>/dev/null && [ -f "$CARRY/whl/ray$TAG.tar.xz" ]; then
@@ -59,39 +78,43 @@ if [ -n "${DRY:-}" ]; then
   COMPILE=(--device cpu --preset tiny --budget-gb 0.03 --tokens 24 --steps 4 --accum 4 --timeout 300)
   ALL=(model.preset=tiny resources.gpu=0 resources.cpus_per_trial=1 resources.ray_num_cpus=2 optim.grad_accum=2
     "data.cache_dir=${CACHE:-$OUT/cache}")
+  MID=(configs/smoke.yaml sweep.epochs=3 train.epochs=2 resources.gpu=0 resources.ray_num_cpus=2
+    "data.cache_dir=${CACHE:-$OUT/cache}")
 else
   BENCH=(--quick --accum 16 --batch 4 --tokens 128)
   PROFILE=(--steps 2 --accum 16 --batch 4 --tokens 128 --timeout 150)
   COMPILE=(--steps 4 --accum 16 --batch 4 --tokens 128 --timeout 300)
   ALL=(resources.gpu=0.5 resources.cpus_per_trial=4 memory.gpu_budget_gb=8 "data.cache_dir=${CACHE:-$PWD/$CARRY/cache}")
+  MID=(configs/default.yaml model.preset=mid optim.batch_size=16 optim.grad_accum=4 resources.gpu=0.5
+    resources.cpus_per_trial=4 "data.cache_dir=${CACHE:-$PWD/$CARRY/cache}")
 fi
 # The `all` part's data: benchmarks/gpu_carry.sh builds its cache with these same settings.
 ALL_DATA=(data.source=vader data.path=null data.max_samples=128 data.max_tokens=64 data.holdout_max_samples=200)
 
-if has tests; then
+if runs tests ${TESTS_S:-120}; then
   log "cuda tests"
   if [ -n "${DRY:-}" ]; then
     log "cuda tests: skipped (DRY: no CUDA device)"
   else
-    timeout -k 5 ${TESTS_S:-120} $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \
+    timeout -k 5 $LIMIT $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \
       > "$OUT/pytest_cuda.log" 2>&1
     log "cuda tests rc=$?"
     tail -8 "$OUT/pytest_cuda.log" | tee -a "$OUT/summary.txt"
   fi
 fi
 
-if has bench; then
+if runs bench ${BENCH_S:-210}; then
   log "bench: resident, stream, cpu_offload"
-  timeout -k 5 ${BENCH_S:-210} $PY -m benchmarks.memory_gpu "${BENCH[@]}" --json "$OUT/bench.json" \
+  timeout -k 5 $LIMIT $PY -m benchmarks.memory_gpu "${BENCH[@]}" --json "$OUT/bench.json" \
     > "$OUT/bench.log" 2>&1
   log "bench rc=$?"
   grep -v '^\[' "$OUT/bench.log" | tail -8 | tee -a "$OUT/summary.txt"
 fi
 
-if has all; then
+if runs all ${ALL_S:-330}; then
   RUNS="$OUT/runs"
   log "all: redheart-730m config, two sweep trials sharing the card, 4 training epochs, the analysis"
-  timeout -k 10 ${ALL_S:-330} $PY run.py all configs/redheart-730m.yaml "${ALL_DATA[@]}" "${ALL[@]}" \
+  timeout -k 10 $LIMIT $PY run.py all configs/redheart-730m.yaml "${ALL_DATA[@]}" "${ALL[@]}" \
     "sweep.lrs=[1.0e-4,5.0e-4]" sweep.epochs=3 sweep.max_concurrent=2 train.epochs=4 train.progress_every_s=0 \
     "run.output_root=$RUNS" run.name=gpu730m > "$OUT/all.log" 2>&1
   log "all rc=$?"
@@ -111,19 +134,29 @@ for table in sorted(root.rglob("results.csv"))[:1]:
 PY
 fi
 
-if has profile; then
+if runs profile ${PROFILE_S:-160}; then
   log "profile: one untimed stream step after two timed ones"
-  timeout -k 5 ${PROFILE_S:-160} $PY -m benchmarks.memory_gpu "${PROFILE[@]}" --rows stream --profile "$OUT/profile" \
+  timeout -k 5 $LIMIT $PY -m benchmarks.memory_gpu "${PROFILE[@]}" --rows stream --profile "$OUT/profile" \
     > "$OUT/profile.log" 2>&1
   log "profile rc=$?"
 fi
 
-if has compile; then
+if runs compile ${COMPILE_S:-480}; then
   log "compile: the stream step eager and compiled"
-  timeout -k 5 ${COMPILE_S:-480} $PY -m benchmarks.memory_gpu "${COMPILE[@]}" --rows stream,stream_compiled \
+  timeout -k 5 $LIMIT $PY -m benchmarks.memory_gpu "${COMPILE[@]}" --rows stream,stream_compiled \
     --json "$OUT/compile.json" > "$OUT/compile.log" 2>&1
   log "compile rc=$?"
   grep -v '^\[' "$OUT/compile.log" | tail -5 | tee -a "$OUT/summary.txt"
+fi
+
+if runs mid ${MID_S:-86400}; then
+  log "mid: run.py all --seeds 3 on the mid preset (a second model size), default data"
+  timeout -k 10 $LIMIT $PY run.py all "${MID[@]}" "run.output_root=$OUT/runs" run.name=mid --seeds 3 \
+    > "$OUT/mid.log" 2>&1
+  log "mid rc=$?"
+  grep -E "Error|error:" "$OUT/mid.log" | tail -5 | tee -a "$OUT/summary.txt"
+  table="$OUT/runs/mid/analysis/seeds/intervals_summary.csv"  # every method over the three seeds
+  [ -f "$table" ] && tee -a "$OUT/summary.txt" < "$table"
 fi
 
 [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
