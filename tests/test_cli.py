@@ -26,6 +26,7 @@ def run_py(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_all_runs_every_stage_and_a_rerun_reuses_them(tmp_path, data_cache):
     args = [
         "all",
@@ -131,6 +132,7 @@ def test_all_with_optim_lr_trains_at_that_lr_without_a_sweep(tmp_path, data_cach
     assert not (tmp_path / "smoke" / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_status_of_a_finished_sweep_suggests_training(tmp_path, data_cache):
     args = [
         str(REPO / "configs" / "smoke.yaml"),
@@ -284,6 +286,7 @@ def test_params_prints_the_730m_table_with_targets():
     assert "vs. the original (730M)" in out.stdout and "does NOT fit" in out.stdout
 
 
+@pytest.mark.slow
 def test_all_with_seeds_trains_the_further_seeds_as_one_tune_experiment(tmp_path, data_cache):
     args = [
         "all",
@@ -387,6 +390,7 @@ def test_a_second_driver_on_a_running_run_refuses_at_once(tmp_path, data_cache):
     assert not holder.exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_driver_is_taken_over_and_said(tmp_path, data_cache):
     """A driver killed while it held the run leaves its record; status says so, and the next command
     (train, then resume) takes the run over with one line naming the driver that is gone."""

@@ -91,10 +91,11 @@ def test_compiled_training_matches_eager(data_cache):
         assert grads.keys() == eager_grads.keys() and len(grads) > 50
         for name, g in eager_grads.items():
             torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
-        # AdamW turns rounding noise in a near-zero gradient (an attention key bias's) into a step of its
-        # own sign: after two steps at lr 1e-3 (updates ~1e-3), such weights differ by a few 1e-6
+        # AdamW turns rounding noise in a near-zero gradient into a step of its own sign, up to a whole
+        # step (lr 1e-3): such weights differ by 1e-6 to 1e-5 (1.3e-5 was seen on one CPU), a wrong
+        # gradient by a step or more. So the weights agree to a tenth of one step.
         for name, w in eager.items():
-            torch.testing.assert_close(compiled[name], w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(compiled[name], w, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
         assert eager.keys() == compiled.keys() and len(eager) > 50
         # A checkpointed unit runs eagerly (its backward recomputes the forward eagerly, which must draw
         # the dropout masks the forward drew): group_b's gradients are then eager's, bit for bit.

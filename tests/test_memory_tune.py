@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from tests.conftest import REPO
 from tests.test_cli import run_py
@@ -12,6 +13,7 @@ from tests.test_cli import run_py
 BUDGET_GB = 0.024  # the tiny model's weights, gradients and AdamW moments take 31 MiB: most units stream
 
 
+@pytest.mark.slow
 def test_all_stages_stream_under_a_byte_budget_and_draw_the_dsm_figure(tmp_path, data_cache):
     args = [
         str(REPO / "configs" / "smoke.yaml"),

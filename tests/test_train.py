@@ -176,6 +176,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     assert not (_ray_processes() - before)
 
 
+@pytest.mark.slow
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint_bit_identically(tmp_path, data_cache):
     """SIGKILL the trial's worker process (as a dying node would take it) after the second checkpoint:
     the run finishes by itself (resources.max_failures) from that checkpoint, with the weights of an
