@@ -14,6 +14,7 @@ on CUDA 12 and 13 alike (CUDA 13's context is ~400 MiB larger).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from redheart_tune.data import iterate_batches
 from redheart_tune.engine.loop import build_training, train_epoch
 from redheart_tune.engine.memory import GiB, Window, configure_allocator, train_step, trial_budget
 from redheart_tune.engine.validation import validate_state
+from redheart_tune.model.family import build_model
 from tests.conftest import REPO
 
 pytestmark = [
@@ -88,6 +90,11 @@ def test_stream_matches_resident_on_the_gpu(preset, precision):
     data = synthetic_data(64, 32)
     base = [f"model.preset={preset}", f"optim.precision={precision}"]
     resident = _steps(cfg(*base, "memory.strategy=resident"), data)
+    sa = {k: v.detach().cpu() for k, v in resident.model.state_dict().items()}
+    resident_scale = resident.scaler.get_scale() if resident.scaler.is_enabled() else None
+    del resident  # its weights and moments off the card, or they crowd the capped streamed run
+    gc.collect()
+    torch.cuda.empty_cache()
     # the plan's room for tensors: tiny streams with 20-28 MiB, mid with 400-700 MiB (plan_for on a CPU)
     budget = context_plus(512 if preset == "mid" else 24)
     streamed = _steps(cfg(*base, "memory.strategy=stream", f"memory.gpu_budget_gb={budget}"), data)
@@ -95,11 +102,11 @@ def test_stream_matches_resident_on_the_gpu(preset, precision):
     for slot in streamed.placement.slots.values():
         if slot.home is not None:
             assert slot.home.is_pinned()
-    sa, sb = resident.model.state_dict(), streamed.model.state_dict()
+    sb = streamed.model.state_dict()
     for k in sa:
-        torch.testing.assert_close(sa[k].cpu(), sb[k].cpu(), rtol=1e-3, atol=1e-5, msg=k)
+        torch.testing.assert_close(sa[k], sb[k].cpu(), rtol=1e-3, atol=1e-5, msg=k)
     if precision == "fp16":
-        assert resident.scaler.is_enabled() and resident.scaler.get_scale() == streamed.scaler.get_scale()
+        assert resident_scale is not None and resident_scale == streamed.scaler.get_scale()
 
 
 def test_the_budget_is_enforced_and_held():
@@ -240,11 +247,13 @@ def test_the_step_never_makes_the_host_wait(strategy, monkeypatch):
     """A training step under ``torch.cuda.set_sync_debug_mode("error")``: any operation that makes the
     host wait for the device (``.item()``, a boolean mask, a blocking copy, a copy home into pageable
     memory) raises.  The step's one read of its numbers at the end (``read_results``) is by design and
-    runs with the check off.  The first step runs unchecked: it measures the context again."""
+    runs with the check off.  The first step runs unchecked: it measures the context again.  Dropout is
+    off: cuDNN reseeds an RNN's dropout state by reading one number back, once per RNN call with dropout."""
     import redheart_tune.engine.memory.step as step_module
 
     data = synthetic_data(64, 32)
-    overrides = ["model.preset=mid", "optim.precision=bf16", f"memory.strategy={strategy}"]
+    # dropout off: with it on, each RNN call's cuDNN reseed reads one number back (_reseed_cudnn_dropout)
+    overrides = ["model.preset=mid", "optim.precision=bf16", f"memory.strategy={strategy}", "model.dropout=0"]
     if strategy == "stream":
         overrides.append(f"memory.gpu_budget_gb={context_plus(512)}")
     c = cfg(*overrides)
@@ -270,3 +279,33 @@ def test_the_step_never_makes_the_host_wait(strategy, monkeypatch):
         torch.cuda.set_sync_debug_mode(0)
     if strategy == "stream":
         assert state.placement.plan.streamed
+
+
+def test_checkpointed_group_b_draws_the_forwards_dropout_masks():
+    """mid's analyzers run 2-layer cuDNN RNNs with dropout between the layers. cuDNN keeps its dropout
+    state across calls, and activation checkpointing recomputes each analyzer after restoring the
+    generator to that analyzer's entry: without ``blocks._reseed_cudnn_dropout`` the recompute drew
+    other masks than the forward and group_b's gradients were silently wrong. With it, checkpointed
+    and not give the same gradients (to rounding: index_select's backward adds atomically)."""
+    data = synthetic_data(16, 32)
+    model = build_model(cfg("model.preset=mid").model, data.tasks, data.input_dim).to(DEVICE).train()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(8, 32, data.input_dim, generator=gen).to(DEVICE)
+    lengths = torch.tensor([32, 30, 25, 20, 17, 9, 5, 2])
+    mask = (torch.arange(32)[None, :] < lengths[:, None]).to(DEVICE)
+
+    def grads(checkpoint: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        out = model.forward_unit(
+            "group_b", tokens, mask, tokens.mean(1), lengths=lengths, checkpoint=checkpoint
+        )
+        sum(p.float().square().mean() for p in out.values()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any(".rnn." in n for n in plain)
+    for name, g in plain.items():
+        torch.testing.assert_close(
+            checkpointed[name], g, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+        )

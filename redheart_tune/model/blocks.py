@@ -152,10 +152,26 @@ class BiRNN(nn.Module):
         packed = nn.utils.rnn.pack_padded_sequence(
             x.index_select(0, order), lengths, batch_first=True, enforce_sorted=True
         )
+        if x.is_cuda and self.training and self.rnn.dropout > 0:
+            _reseed_cudnn_dropout(x.device)
         out, _ = nn.utils.rnn.pad_packed_sequence(
             self.rnn(packed)[0], batch_first=True, total_length=x.shape[1]
         )
         return out.index_select(0, inverse)
+
+
+def _reseed_cudnn_dropout(device: torch.device) -> None:
+    """Make cuDNN draw this RNN call's dropout masks from the generator as it stands now.
+
+    cuDNN keeps one dropout state per device across RNN calls and reseeds it from the generator only
+    on the first call after the generator was set. Under activation checkpointing that breaks: each
+    neural analyzer's recompute restores the generator to its own entry and reseeds, while its forward
+    had continued the state the analyzer before it left, so the recompute drew other masks than the
+    forward and the gradients were silently wrong. Setting the generator to its own state marks it set
+    without moving it, so every call reseeds from where it stands, in the forward and the recompute
+    alike. The cost: the reseed reads one number back (a host sync) per call with dropout on.
+    """
+    torch.cuda.set_rng_state(torch.cuda.get_rng_state(device), device)
 
 
 def transformer_layers(
