@@ -21,6 +21,7 @@ def check(out: Path, parts: str, total_s: int) -> str:
         "PARTS": parts,
         "TOTAL_S": str(total_s),
         "OUT": str(out),
+        "WORK": str(out.with_name(out.name + "-work")),
         "PYTHON": sys.executable,
     }
     done = subprocess.run(
@@ -42,6 +43,8 @@ def test_a_part_is_cut_to_what_is_left_of_the_total_or_skipped_when_that_is_too_
 
     summary = check(tmp_path / "skip", "all", total_s=45)  # under 30 s left after the archive's 20
     assert re.search(r"all: skipped, \d+s of TOTAL_S=45s left", summary), summary
-    assert "all: redheart-730m config" not in summary and not (tmp_path / "skip" / "all.log").exists()
-    with tarfile.open(tmp_path / "skip" / "results.tar.gz") as archive:  # written either way
+    assert "all: redheart-730m config" not in summary and not (tmp_path / "skip-work" / "all.log").exists()
+    # $OUT holds the summary and the archive alone (a device call brings back a few files), written either way
+    assert sorted(p.name for p in (tmp_path / "skip").iterdir()) == ["results.tar.gz", "summary.txt"]
+    with tarfile.open(tmp_path / "skip" / "results.tar.gz") as archive:
         assert "./summary.txt" in archive.getnames()
