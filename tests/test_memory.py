@@ -322,3 +322,22 @@ def test_every_unit_of_the_declaration_is_planned(data_cache):
     assert set(GROUPS["group_a"]) <= {
         m for u in selection_units() if u.name in plan.resident for m in u.modules
     }
+
+
+def test_a_failed_page_lock_falls_back_only_when_its_cuda_error_is_cleared(monkeypatch):
+    """cudaHostRegister's failure stays the thread's last CUDA error: cleared, the caller may fall back
+    to pageable memory (PinError); not cleared, it stops with the config key that avoids it."""
+    from redheart_tune.engine.memory import transfer
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (the CUDA name)
+            return 2  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(torch.cuda, "cudart", Runtime)
+    assert transfer._clear_cuda_error() is False  # a CPU torch loads no CUDA runtime
+    with pytest.raises(RuntimeError, match="memory.pin_memory=false") as stop:
+        transfer.page_locked(16)
+    assert not isinstance(stop.value, transfer.PinError)
+    monkeypatch.setattr(transfer, "_clear_cuda_error", lambda: True)
+    with pytest.raises(transfer.PinError, match="CUDA error 2"):
+        transfer.page_locked(16)

@@ -34,7 +34,7 @@ from redheart_tune.engine.memory.dsm import Candidate, SwapManager
 from redheart_tune.engine.memory.plan import MemoryPlan, replan
 from redheart_tune.engine.memory.sharded import sharded_step
 from redheart_tune.engine.memory.sizes import MOMENT_BYTES, WEIGHT_BYTES, UnitSize
-from redheart_tune.engine.memory.transfer import MOMENTS, Meter, Mover, Slot, page_locked
+from redheart_tune.engine.memory.transfer import MOMENTS, Meter, Mover, PinError, Slot, page_locked
 from redheart_tune.model.groups import selection_units
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class Placement:
         if self.pin:
             try:
                 return page_locked(numel)
-            except RuntimeError as exc:  # page-locking can fail when the OS limit is reached
+            except PinError as exc:  # page-locking can fail when the OS limit is reached
                 log.warning(
                     "cannot page-lock %.2f GiB of CPU memory (%s); using pageable memory",
                     4 * numel / 2**30,

@@ -107,6 +107,27 @@ class Mover:
             torch.cuda.current_stream().wait_event(event)
 
 
+class PinError(RuntimeError):
+    """Page-locking a buffer failed and left no CUDA error behind: pageable memory can take its place."""
+
+
+def _clear_cuda_error() -> bool:
+    """Read back (and so clear) this thread's last CUDA runtime error; False where that cannot be done.
+
+    A failed ``cudaHostRegister`` stays the thread's last error, and the next kernel launch's check
+    would report it as its own. torch binds no ``cudaGetLastError``, so it is called in the runtime
+    library torch loaded (found in ``/proc/self/maps``)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next(line.split()[-1] for line in maps if "libcudart.so" in line)
+        ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, StopIteration, AttributeError):
+        return False
+    return True
+
+
 def page_locked(numel: int) -> torch.Tensor:
     """A CPU fp32 buffer of exactly ``numel`` elements, page-locked for asynchronous copies.
 
@@ -118,7 +139,12 @@ def page_locked(numel: int) -> torch.Tensor:
     ptr = t.data_ptr()
     err = int(torch.cuda.cudart().cudaHostRegister(ptr, t.numel() * t.element_size(), 0))
     if err != 0:
-        raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
+        if not _clear_cuda_error():  # the error stays pending: no fallback can run after it
+            raise RuntimeError(
+                f"cudaHostRegister failed with CUDA error {err} and the error could not be cleared; "
+                "set memory.pin_memory=false to stream through pageable memory"
+            )
+        raise PinError(f"cudaHostRegister failed with CUDA error {err}")
     # Unregistered when this flat tensor goes (views of it that outlive it just become pageable).
     weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, ptr)
     return t
