@@ -365,7 +365,7 @@ def test_a_training_run_shows_its_progress_eta_per_step_scalars_and_dashboard(sm
         assert re.search(
             r"epoch \d+/15, step \d/5 \(\d+ %\), \d+ samples/s, loss [\d.]+; epoch ETA", now_line
         )
-        assert re.search(r"run ETA [\d.]+ s \(about ", now_line), now_line
+        assert re.search(r"run ETA (\d+ h )?(\d+ min )?[\d.]+ s \(about ", now_line), now_line  # "1 min 4 s"
     finally:
         rc = driver.wait(timeout=600)
     text = log.read_text()
