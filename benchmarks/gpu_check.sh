@@ -183,6 +183,6 @@ fi
 # The logs, figures, CSVs and JSON in one archive beside the summary (a device call brings back a few files only).
 log "done: $OUT/summary.txt, $OUT/results.tar.gz (the rest under $WORK)"
 cp "$OUT/summary.txt" "$WORK/summary.txt"
-(cd "$WORK" && find . \( -path ./cache -o -path ./site -o -path ./profile -o -name "checkpoint_*" \) -prune -o \
+(cd "$WORK" && find . \( -path ./cache -o -path ./site -o -name "checkpoint_*" \) -prune -o \
   \( -name "*.log" -o -name "*.csv" -o -name "*.png" -o -name "*.json" -o -name "*.txt" \) -print 2>/dev/null |
   tar -czf "$OUT/results.tar.gz" -T - 2>/dev/null)
