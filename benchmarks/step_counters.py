@@ -18,10 +18,10 @@ they are counted here on a CPU, per optimizer step of ``batch_size x grad_accum`
   between devices (on a CPU run the code's own device moves are none, so this is a lower bound).
   Not counted: the input checks on the CPU batches, the RNNs' packing by CPU lengths (and their
   reads of the packed sequence's CPU batch sizes) and the one
-  read of the step's numbers at its end (by design), and the optimizer's reads of its own CPU
-  step counters;
-- ``optimizer_steps``: ``Optimizer.step`` calls, and ``optimizer_ops`` inside them (a CPU runs
-  AdamW per tensor; a GPU runs it over all tensors at once, ``foreach``);
+  read of the step's numbers at its end (by design).  The optimizer step counts too: fused
+  AdamW keeps its step counters on the device and reads nothing back;
+- ``optimizer_steps``: ``Optimizer.step`` calls, and ``optimizer_ops`` inside them (fused AdamW:
+  one kernel per parameter group, plus the step counters' increment, on a CPU and a GPU alike);
 - ``moved_bytes``: bytes the placement moved between host and device (stream strategy).
 """
 
@@ -79,7 +79,7 @@ class OpCounter(TorchDispatchMode):
     Phases: "compute" (forward, loss, backward, clipping, the moves), "optimizer"
     (``Optimizer.step``), "host" (work on CPU tensors by design: the input checks on the
     CPU batches, and the one read of the step's numbers at its end).  Syncs count in
-    "compute" only: the optimizer's scalar reads are of its CPU step counters.
+    "compute" and "optimizer".
     """
 
     def __init__(self) -> None:
@@ -97,7 +97,7 @@ class OpCounter(TorchDispatchMode):
             self.ops[self.phase] += 1
             if self.phase == "compute":
                 self.by_op[str(func.overloadpacket.__name__)] += 1
-        if self.phase != "compute" or self.cpu_lengths:
+        if self.phase == "host" or self.cpu_lengths:
             return out
         name = None
         if func in SYNC_OPS:

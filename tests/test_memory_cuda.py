@@ -109,6 +109,61 @@ def test_stream_matches_resident_on_the_gpu(preset, precision):
         assert resident_scale is not None and resident_scale == streamed.scaler.get_scale()
 
 
+def test_a_streamed_run_resumes_on_the_gpu():
+    """A streamed run resumed from its saved state (through torch.save and a CPU load, as a checkpoint
+    is read) continues as the run that was not interrupted.  The load puts the ``step`` counters of
+    units that are out on the CPU, beside their weights; fused AdamW needs them on the device, where
+    ``adopt_loaded_state`` moves them."""
+    import io
+
+    data = synthetic_data(64, 32)
+    c = cfg(
+        "model.preset=mid",
+        "optim.precision=bf16",
+        "memory.strategy=stream",
+        "model.dropout=0",
+        f"memory.gpu_budget_gb={context_plus(512)}",
+    )
+
+    def window(batches, k):
+        return Window(1, k + 1, 2 * k, [next(batches), next(batches)])
+
+    def batches():
+        return iterate_batches(data, "train", 8, shuffle=True, generator=torch.Generator().manual_seed(7))
+
+    state = build_training(c, data, 1e-3, 1, DEVICE, budget=margined(c))
+    assert state.placement.plan.streamed
+    order = batches()
+    for k in range(2):
+        train_step(state, window(order, k))
+        state.schedule.step()
+    state.placement.synchronize()
+    saved = io.BytesIO()
+    torch.save({"model": state.model.state_dict(), "state": state.state_dict()}, saved)
+    train_step(state, window(order, 2))
+    state.placement.synchronize()
+    straight = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
+    del state
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    saved.seek(0)
+    loaded = torch.load(saved, map_location="cpu", weights_only=True)
+    resumed = build_training(c, data, 1e-3, 1, DEVICE, budget=margined(c))
+    resumed.model.load_state_dict(loaded["model"])
+    resumed.load_state_dict(loaded["state"])
+    for opt in resumed.optimizers.values():
+        assert all(s["step"].device.type == "cuda" for s in opt.state.values())
+    order = batches()
+    for k in range(2):
+        window(order, k)  # the windows the first two steps took
+    train_step(resumed, window(order, 2))
+    resumed.placement.synchronize()
+    after = resumed.model.state_dict()
+    for k in straight:
+        torch.testing.assert_close(straight[k], after[k].cpu(), rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_the_budget_is_enforced_and_held():
     """mid with 512 MiB for tensors: the allocator is capped at the budget less this process's context,
     and streamed training stays inside the budget."""

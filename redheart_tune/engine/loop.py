@@ -146,6 +146,14 @@ def unit_param_groups(model: nn.Module, unit: str, weight_decay: float) -> list[
     return [g for g in groups if g["params"]]
 
 
+def unit_optimizer(model: nn.Module, unit: str, weight_decay: float, lr: float) -> torch.optim.AdamW:
+    """One unit's AdamW, fused: one kernel updates every parameter of a call (a whole unit, or one
+    moment shard of a streamed one) in place, where ``foreach`` launches a dozen passes over the
+    parameters and allocates a 4-byte temporary per parameter (``plan.py`` counts no temporary).
+    Its ``step`` counters live on the device the unit steps on (``Placement.adopt_loaded_state``)."""
+    return torch.optim.AdamW(unit_param_groups(model, unit, weight_decay), lr=lr, fused=True)
+
+
 def build_training(
     cfg: Config,
     data: EncodedData,
@@ -167,10 +175,7 @@ def build_training(
     with timed(setup_s, "model"):
         seed_everything(cfg.run.seed)
         model = build_model(cfg.model, data.tasks, data.input_dim)  # on the CPU; the placement moves it
-        optimizers = {
-            unit: torch.optim.AdamW(unit_param_groups(model, unit, cfg.optim.weight_decay), lr=lr)
-            for unit in UNITS
-        }
+        optimizers = {unit: unit_optimizer(model, unit, cfg.optim.weight_decay, lr) for unit in UNITS}
     with timed(setup_s, "plan"):
         plan, sizes = plan_for(cfg, data.tasks, data.input_dim, device=device.type, budget=budget)
     dsm = SwapManager(cfg.memory.target, budget.bytes) if cfg.memory.dsm and plan.device != "cpu" else None

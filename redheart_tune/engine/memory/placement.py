@@ -252,8 +252,14 @@ class Placement:
                 opt_state[p][m] = view
 
     def adopt_loaded_state(self) -> None:
-        """After ``optimizer.load_state_dict`` (resume): moments of units that are out go into their home buffers."""
+        """After ``optimizer.load_state_dict`` (resume): moments of units that are out go into their home
+        buffers, and every ``step`` counter to the device, where fused AdamW reads it (the load put the
+        counters of units that are out beside their weights, on the CPU)."""
         for slot in self.slots.values():
+            opt_state = self.optimizers[slot.name].state
+            for p in slot.params:
+                if "step" in opt_state.get(p, {}):
+                    opt_state[p]["step"] = opt_state[p]["step"].to(self.device)
             if slot.on_device or not self._has_moments(slot):
                 continue
             home = self._home_moments(slot)

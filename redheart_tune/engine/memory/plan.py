@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from redheart_tune.engine.memory.sizes import WEIGHT_BYTES, UnitSize, moment_window_bytes, size
+from redheart_tune.engine.memory.sizes import UnitSize, moment_window_bytes, size
 from redheart_tune.model.groups import NEVER_SWAPPED
 
 
@@ -155,16 +155,16 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
         """Bytes on the device during the unit's own turn, besides the resident base.
 
         Activations and weight casts live during forward and backward; AdamW's step
-        comes after them and needs a 4-byte temporary per parameter it updates
-        (foreach AdamW's sqrt of exp_avg_sq), of one shard when sharded.
+        comes after them and, fused, updates in place: it needs no temporary (where
+        ``foreach`` allocated 4 bytes per parameter it updates), so the turn's peak is
+        the larger of the compute and the moment shards passing through.
         """
         grads, compute = s.weights, cast_bytes * s.numel + s.pass_activation_bytes
         if moments == "resident":
-            return grads + max(compute, WEIGHT_BYTES * s.numel)
+            return grads + compute
         if moments == "with_unit":
-            return s.weights + s.moments + grads + max(compute, WEIGHT_BYTES * s.numel)
-        window = moment_window_bytes(s.param_numels, shard_bytes)
-        return s.weights + grads + max(compute, window + window // 4)
+            return s.weights + s.moments + grads + compute
+        return s.weights + grads + max(compute, moment_window_bytes(s.param_numels, shard_bytes))
 
     modes: dict[str, str] = {}
     for s in order:
@@ -210,13 +210,11 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
 
 
 def resident_peak(sizes: Sequence[UnitSize], cast_bytes: int) -> int:
-    """Everything on the device: all weights and moments, plus the largest turn's gradients and
-    activations (or AdamW's temporary): units take their turns one after another in either strategy,
-    and a unit's gradients are gone once it has stepped."""
+    """Everything on the device: all weights and moments, plus the largest turn's gradients, casts and
+    activations: units take their turns one after another in either strategy, and a unit's gradients
+    are gone once it has stepped (in place: fused AdamW allocates nothing)."""
     state = sum(s.weights + s.moments for s in sizes)
-    return state + max(
-        s.weights + max(cast_bytes * s.numel + s.pass_activation_bytes, WEIGHT_BYTES * s.numel) for s in sizes
-    )
+    return state + max(s.weights + cast_bytes * s.numel + s.pass_activation_bytes for s in sizes)
 
 
 def pass_candidates(window: int, requested: int | None) -> list[int]:
