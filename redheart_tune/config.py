@@ -260,7 +260,9 @@ class MemoryConfig(Section):
     """CUDA context (outside PyTorch's allocator) the plan assumes before it can measure it (a warmed-up
     context on CUDA 13 measured 0.82-0.86 GiB); a GPU trial measures the real one."""
     prefetch: StrictBool = True
-    """Copy the next streamed unit in on a side stream while the current one computes (GPU)."""
+    """Overlap the copies with the compute (GPU): the next streamed unit comes in on a side stream while
+    earlier turns compute, and a streamed unit's copy home runs beside the next turn, where the plan has
+    room for each."""
     stream_moments: Literal["auto", "sharded"] = "auto"
     """How a streamed unit's AdamW moments travel: 'auto' moves them in and out with its weights where
     that fits and otherwise passes them through its optimizer step shard by shard; 'sharded' always

@@ -185,6 +185,53 @@ def test_stream_under_a_byte_budget_never_exceeds_it(data_cache, data):
         assert m["bytes"] > 0 and m["seconds"] >= 0 and m["memory_after"] <= budget
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_units_copy_home_runs_beside_the_next_turn_and_is_counted(data_cache, data, monkeypatch, prefetch):
+    """Where the plan has room (``drain_in``), a streamed unit's weights (and moments moved with it)
+    stay on the device through the next turn, its copy home running beside that turn's compute; they
+    are counted in that turn's use and let go at its end.  Without room, or with memory.prefetch off,
+    nothing drains."""
+    from redheart_tune.engine.memory.placement import Placement
+
+    cfg = smoke(
+        data_cache,
+        "memory.strategy=stream",
+        "memory.gpu_budget_gb=0.024",
+        "optim.batch_size=16",
+        f"memory.prefetch={str(prefetch).lower()}",
+    )
+    state = build_training(cfg, data, 1e-3, 1, torch.device("cpu"))
+    plan, placement = state.placement.plan, state.placement
+    drains = {u.drain_in: u for u in plan.units if u.drain_in}
+    assert bool(drains) == prefetch, format_plan(plan)
+    for turn, unit in drains.items():  # the next turn, and only a streamed unit's copy drains
+        order = [u.name for u in plan.units]
+        assert not unit.resident and order.index(turn) == order.index(unit.name) + 1
+
+    draining_at_end: dict[str, list[int]] = {}
+    end_turn = Placement.end_turn
+
+    def record(self, unit):
+        draining_at_end[unit] = [nbytes for _, _, nbytes in self._draining]
+        end_turn(self, unit)
+
+    monkeypatch.setattr(Placement, "end_turn", record)
+    tr = train_epoch(state, data, 1)
+    assert math.isfinite(tr.loss)
+    sizes = {s.name: s for s in placement.sizes}
+    for u in plan.units:
+        expected = []
+        if u.name in drains:
+            d = drains[u.name]
+            expected = [sizes[d.name].weights + (sizes[d.name].moments if d.moments == "with_unit" else 0)]
+        assert draining_at_end[u.name] == expected, u.name
+    assert placement._draining == [] and placement.accounted() == placement._on_device_bytes()
+    peaks = {t["unit"]: t["peak_bytes"] for t in tr.memory_trace}
+    for turn in drains:  # the turn's measured use holds the unit going home
+        assert peaks[turn] >= draining_at_end[turn][0] + 4 * sizes[turn].numel
+    assert max(peaks.values()) <= plan.limit_bytes
+
+
 def test_swap_manager_rule():
     assert swap_out_count(0.86, 0.85) == 1 and swap_out_count(1.12, 0.85) == 2
     dsm = SwapManager(target=0.85, budget_bytes=1000)

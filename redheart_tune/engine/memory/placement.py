@@ -10,9 +10,14 @@ unit is out, its parameters and moment tensors are views of its home buffers, so
 On CUDA the copies run on two side streams, one per direction (the link carries
 both at once): a unit's weights (and, where the plan says so, its moments) are
 prefetched while earlier turns compute, and the compute stream waits on an event
-before it touches them.  A copy out is waited for by the compute stream before
-its device memory can be reused.  On a CPU the same moves are plain copies, so
-the tests exercise every move for real.
+before it touches them.  A unit's copy home runs beside the next turn where the
+plan has room for it (``drain_in``): its device tensors are kept until the end of
+that turn, when the compute stream waits for the copy's event and only then lets
+them go, so the allocator never hands their memory out while the copy reads it.
+Elsewhere the compute stream waits for a copy home at once.  A copy in of a unit's
+home buffers waits for its last copy home.  On a CPU the same moves are plain
+copies (a draining unit's buffers are kept and counted the same way), so the
+tests exercise every move for real.
 
 Every move is recorded (epoch, step, unit, action, bytes, seconds, memory before
 and after) for the run's metrics and the DSM figure; ``accounted()`` is the bytes
@@ -71,8 +76,11 @@ class Placement:
                 resident=placement.resident,
                 moments_mode=placement.moments,
                 prefetch_at=placement.prefetch_at,
+                drain_in=placement.drain_in,
             )
         self.meter = Meter(device, self._on_device_bytes, lambda: self.budget.context_bytes)
+        # copies home running beside a turn: (their event, the device tensors they read, those bytes)
+        self._draining: list[tuple[object | None, list[torch.Tensor], int]] = []
         self.home_bytes, self.home_s = 0, 0.0  # CPU home buffers allocated so far, and the time they took
         self._context_checked = device.type != "cuda"
         self._place_initially()
@@ -143,7 +151,7 @@ class Placement:
                 )
             if slot.moments_on_device and self._has_moments(slot):
                 total += MOMENT_BYTES * slot.numel
-        return total
+        return total + sum(nbytes for _, _, nbytes in self._draining)
 
     # the meter's record and measures, as the loop, the progress line and the benchmarks read them
     @property
@@ -183,7 +191,7 @@ class Placement:
         if move_moments:
             pairs += self._moment_pairs_in(slot)
             nbytes += MOMENT_BYTES * slot.numel
-        slot.ready, timing = self.mover.copy(pairs, "in")
+        slot.ready, timing = self.mover.copy(pairs, "in", after=slot.sent)
         for view, p in zip(slot.views(slot.device_flat), slot.params, strict=True):
             p.data = view
         slot.on_device = True
@@ -200,8 +208,10 @@ class Placement:
         slot.moments_on_device = True
         return [(slot.device_moments[m], home[m]) for m in MOMENTS]
 
-    def _send_out(self, slot: Slot, *, action: str, copy_weights: bool = True) -> None:
-        """Copy the unit's weights (and its moments, when they are on the device) home; free its device memory."""
+    def _send_out(self, slot: Slot, *, action: str, copy_weights: bool = True, drain: bool = False) -> None:
+        """Copy the unit's weights (and its moments, when they are on the device) home; free its device
+        memory: at once (the compute stream waits for the copy), or with ``drain`` once the next turn
+        is over (``_release_drained``), the copy running beside that turn's compute."""
         before = self.meter.now()
         if slot.home is None:
             slot.home = self._home_buffer(slot.numel)
@@ -226,8 +236,13 @@ class Placement:
                     ]
             nbytes += MOMENT_BYTES * slot.numel
         event, timing = self.mover.copy(pairs, "out") if pairs else (None, 0.0)
-        # The compute stream waits for the copy before anything can reuse the unit's device memory.
-        self.mover.wait(event)
+        if drain and pairs:
+            # kept until the compute stream has waited for the copy: nothing can reuse them before
+            self._draining.append((event, [src for _, src in pairs], nbytes))
+        else:  # the compute stream waits for the copy before anything can reuse the unit's device memory
+            self.mover.wait(event)
+        if pairs:
+            slot.sent = event
         for view, p in zip(slot.views(slot.home), slot.params, strict=True):
             p.data = view
         if move_moments:
@@ -239,6 +254,13 @@ class Placement:
         slot.ready = None
         if pairs:
             self.meter.record(slot.name, action, nbytes, before, timing)
+
+    def _release_drained(self) -> None:
+        """The compute stream waits for the copies home that ran beside the turn that just ended; their
+        device tensors go (the allocator reuses their memory in the compute stream's order)."""
+        for event, _, _ in self._draining:
+            self.mover.wait(event)
+        self._draining = []
 
     def _home_moments(self, slot: Slot) -> dict[str, torch.Tensor]:
         if not slot.home_moments:
@@ -271,6 +293,7 @@ class Placement:
 
     def synchronize(self) -> None:
         """Wait for every copy in flight (before the CPU reads weights: checkpoints, statistics)."""
+        self._release_drained()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -297,7 +320,7 @@ class Placement:
         elif not slot.resident and wants_moments and not slot.moments_on_device and self._has_moments(slot):
             # prefetched while the plan still sharded its moments; the swap manager has since made room
             before = self.meter.now()
-            event, timing = self.mover.copy(self._moment_pairs_in(slot), "in")
+            event, timing = self.mover.copy(self._moment_pairs_in(slot), "in", after=slot.sent)
             self.mover.wait(slot.ready)
             slot.ready = event
             self.meter.record(unit, "moments_in", MOMENT_BYTES * slot.numel, before, timing)
@@ -340,8 +363,9 @@ class Placement:
             return
         use = self.use_bytes()
         self.meter.step_peak = max(self.meter.step_peak, use)
+        self._release_drained()  # the previous unit's copy home ran beside this turn
         if not slot.resident:
-            self._send_out(slot, action="stream_out")
+            self._send_out(slot, action="stream_out", drain=slot.drain_in is not None)
         self.trace.append({"epoch": self.meter.epoch, "step": self.meter.step, "unit": unit, "peak_bytes": use})
         if self.dsm is not None and self.streaming:
             self._swap_out_above_target(use)
@@ -357,6 +381,7 @@ class Placement:
         trial's first step the CUDA context is measured again (cuBLAS and cuDNN
         add to it lazily) and the cap follows.
         """
+        self._release_drained()
         if not self._context_checked:
             self._context_checked = True
             self.budget = refresh_context(self.budget, self.device)
@@ -382,6 +407,7 @@ class Placement:
     # -- evaluation turns (weights only, nothing to copy back) ---------------
 
     def begin_eval(self, unit: str) -> None:
+        self._release_drained()
         slot = self.slots[unit]
         if not slot.on_device:
             self._bring_in(slot, moments=False, action="eval_in")
@@ -418,7 +444,7 @@ class Placement:
         self.plan = plan
         for u in plan.units:
             slot = self.slots[u.name]
-            slot.moments_mode, slot.prefetch_at = u.moments, u.prefetch_at
+            slot.moments_mode, slot.prefetch_at, slot.drain_in = u.moments, u.prefetch_at, u.drain_in
 
     def restore(self, memory: dict) -> None:
         """Resume: the step shape and the swap manager's swap-outs as they were when the checkpoint was written."""

@@ -21,7 +21,8 @@ Peak of a turn (allocator bytes), with R the resident units:
       or, where that does not fit, shard by shard through the optimizer step
       ("sharded": the shard stepping and the next one arriving, never beside the activations)
     + the bytes of later streamed units being prefetched during this turn
-    + AdamW's step temporaries (4 bytes per parameter stepped), once the activations are gone.
+    + the bytes of the previous streamed unit still going home during this turn ("drain")
+    (AdamW's step comes once the activations are gone, and fused it updates in place: no temporary).
 
 The planner keeps units resident by descending swap priority (first fit: a unit
 that does not fit is streamed, and smaller units of lower priority may still be
@@ -58,6 +59,9 @@ class UnitPlacement:
     'sharded': they pass through the optimizer step shard by shard."""
     prefetch_at: str | None
     """The turn during which its bytes start coming in on a side stream (None: at its own turn)."""
+    drain_in: str | None
+    """The turn during which its copy home runs beside the compute (its device memory is freed at that
+    turn's end); None: the compute stream waits for the copy at the end of its own turn."""
     turn_peak: int
     """Estimated allocator bytes at the peak of this unit's turn."""
     pass_batches: int
@@ -192,6 +196,13 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
                 peaks[k] += incoming(s)
             starts[i] = j
         earliest = j
+    # A streamed unit's copy home runs during the next turn where that turn still fits with it (the
+    # compute does not wait for it); the last turn's, and one that does not fit, is waited for.
+    drains: list[str | None] = [None] * len(order)
+    for i, s in enumerate(order[:-1]):
+        if s.name not in resident and settings.prefetch and peaks[i + 1] + incoming(s) <= limit:
+            peaks[i + 1] += incoming(s)
+            drains[i] = order[i + 1].name
     return tuple(
         UnitPlacement(
             name=s.name,
@@ -200,6 +211,7 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
             resident=s.name in resident,
             moments=modes[s.name],  # type: ignore[arg-type]
             prefetch_at=None if starts[i] is None else order[starts[i]].name,
+            drain_in=drains[i],
             turn_peak=peaks[i],
             pass_batches=s.pass_batches,
             checkpoint=s.checkpoint,
@@ -358,12 +370,13 @@ def format_plan(plan: MemoryPlan) -> str:
         lines += [
             "",
             f"  {'turn':<18} {'priority':>8} {'params':>9}  {'placement':<9} {'moments':<9} "
-            f"{'prefetch from':<16} {'turn peak':>10} {'moved/step':>10} {'pass':>5}",
+            f"{'prefetch from':<16} {'home during':<16} {'turn peak':>10} {'moved/step':>10} {'pass':>5}",
         ]
         for u in plan.units:
             lines.append(
                 f"  {u.name:<18} {u.priority:>8} {u.numel / 1e6:>8.2f}M  {'resident' if u.resident else 'streamed':<9} "
-                f"{u.moments:<9} {u.prefetch_at or '-':<16} {size(u.turn_peak):>10} {size(u.moved_bytes):>10} "
+                f"{u.moments:<9} {u.prefetch_at or '-':<16} {u.drain_in or '-':<16} {size(u.turn_peak):>10} "
+                f"{size(u.moved_bytes):>10} "
                 f"{u.pass_batches:>5}{' (checkpointed)' if u.checkpoint else ''}"
             )
         total = plan.peak_bytes + plan.context_bytes

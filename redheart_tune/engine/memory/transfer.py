@@ -26,6 +26,7 @@ class Slot:
     resident: bool
     moments_mode: str  # "resident" | "with_unit" | "sharded": how the plan wants its moments moved
     prefetch_at: str | None = None
+    drain_in: str | None = None  # the turn during which its copy home runs beside the compute
     on_device: bool = False
     moments_on_device: bool = False
     home: torch.Tensor | None = None  # (numel,) weights while out
@@ -33,6 +34,7 @@ class Slot:
     device_flat: torch.Tensor | None = None  # (numel,) weights while in (streamed units)
     device_moments: dict[str, torch.Tensor] = field(default_factory=dict)
     ready: object | None = None  # CUDA event the compute stream waits on before using the unit
+    sent: object | None = None  # CUDA event of its last copy home: a copy in of its home buffers waits on it
 
     def __post_init__(self) -> None:
         self.sizes = [p.numel() for p in self.params]
@@ -82,8 +84,11 @@ class Mover:
             {"in": torch.cuda.Stream(device), "out": torch.cuda.Stream(device)} if self.cuda else {}
         )
 
-    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str):
-        """dst.copy_(src) for each pair; returns (ready event or None, timing events or seconds)."""
+    def copy(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str, after: object | None = None
+    ):
+        """dst.copy_(src) for each pair, after the event ``after`` (a copy that writes what these read);
+        returns (ready event or None, timing events or seconds)."""
         if not self.cuda:
             t0 = time.perf_counter()
             for dst, src in pairs:
@@ -93,6 +98,8 @@ class Mover:
         # The side stream must not start before the compute stream has finished with the memory it
         # reads (the unit's last step) or writes (a block the allocator just handed out).
         stream.wait_stream(torch.cuda.current_stream())
+        if after is not None:
+            stream.wait_event(after)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             start.record()
