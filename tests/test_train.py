@@ -24,11 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def checkpoints_of(experiment: Path) -> dict[int, Path]:
-    """Epoch -> checkpoint directory of the (single) trial of a training experiment."""
+    """Epoch -> checkpoint directory of the (single) trial of a training experiment: those whose files
+    all match their manifest's sizes.  Tune copies a checkpoint into the experiment folder file by file, in no
+    set order, so while a run is going the manifest can be there before meta.json is whole."""
+    from redheart_tune.engine.checkpoints import CheckpointError, verify_checkpoint
+
     out = {}
     for d in experiment.glob("*/checkpoint_*"):
-        if (d / "manifest.json").is_file():
-            out[json.loads((d / "meta.json").read_text())["epoch"]] = d
+        try:
+            verify_checkpoint(d, hashes=False)
+        except CheckpointError:
+            continue
+        out[json.loads((d / "meta.json").read_text())["epoch"]] = d
     return out
 
 
