@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -57,9 +58,20 @@ def test_730m_plan_fits_8_gib_with_backbone_and_heads_resident():
     # each streamed unit's weights and moments move in and out once per step: 24 bytes per parameter
     streamed = sum(s.numel for s in sizes if s.name in plan.streamed)
     assert plan.transfer_bytes_per_step == 24 * streamed
+    # copies beside a turn's compute: prefetched ones and copies home that drain beside the next turn
+    assert any(plan.unit(u).prefetch_at for u in plan.streamed)
+    assert any(plan.unit(u).drain_in for u in plan.streamed)
+    undrained = dataclasses.replace(
+        plan, units=tuple(dataclasses.replace(u, drain_in=None) for u in plan.units)
+    )
+    assert plan.waited_bytes_per_step < undrained.waited_bytes_per_step < plan.transfer_bytes_per_step
+    serial = load_config(REPO / "configs" / "redheart-730m.yaml", ["memory.prefetch=false"])
+    serial_plan, _ = plan_for(serial, task_specs("redheart"), 384, device="cuda", budget=budget)
+    assert serial_plan.waited_bytes_per_step == serial_plan.transfer_bytes_per_step
     text = format_plan(plan)
     print(text)
     assert "moved per optimizer step" in text and "group_b" in text and "resident: group_a" in text
+    assert "beside no turn's compute" in text
 
 
 def test_params_prints_the_plan(tmp_path):

@@ -390,6 +390,7 @@ def memory_record(state: TrainingState, budget, moves: list[dict], trace: list[d
         "streamed": list(plan.streamed),
         "plan_peak_bytes": plan.peak_bytes,
         "transfer_bytes_per_step": plan.transfer_bytes_per_step,
+        "waited_bytes_per_step": plan.waited_bytes_per_step,
         "moves": moves,
         "trace": trace,
     }

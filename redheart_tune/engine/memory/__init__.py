@@ -152,6 +152,7 @@ def memory_report(cfg: Config, tasks: dict[str, TaskSpec], input_dim: int) -> di
         "peak_bytes": plan.peak_bytes,
         "resident_peak_bytes": plan.resident_peak,
         "transfer_bytes_per_step": plan.transfer_bytes_per_step,
+        "waited_bytes_per_step": plan.waited_bytes_per_step,
         "resident": list(plan.resident),
         "streamed": list(plan.streamed),
         "units": [dataclasses.asdict(u) for u in plan.units],

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from redheart_tune.engine.memory.sizes import UnitSize, moment_window_bytes, size
+from redheart_tune.engine.memory.sizes import MOMENT_BYTES, WEIGHT_BYTES, UnitSize, moment_window_bytes, size
 from redheart_tune.model.groups import NEVER_SWAPPED
 
 
@@ -116,6 +116,24 @@ class MemoryPlan(PlanSettings):
     @property
     def transfer_bytes_per_step(self) -> int:
         return sum(u.moved_bytes for u in self.units)
+
+    @property
+    def waited_bytes_per_step(self) -> int:
+        """Of ``transfer_bytes_per_step``, the bytes whose copy the compute stream waits for, beside no
+        turn's compute: a streamed unit's bytes where they are not prefetched, its copy home where it
+        does not drain beside the next turn, and moments passing shard by shard through the step (each
+        shard's step is one short kernel, so their copies are waited for in all but name).  Bytes, not
+        time: copies in and copies out run at once, each way on its own stream."""
+        total = 0
+        for u in self.units:
+            if u.resident:
+                continue
+            weights, moments = WEIGHT_BYTES * u.numel, MOMENT_BYTES * u.numel
+            carried = weights + (moments if u.moments == "with_unit" else 0)
+            total += carried * ((u.prefetch_at is None) + (u.drain_in is None))
+            if u.moments == "sharded":
+                total += 2 * moments
+        return total
 
     @property
     def resident(self) -> tuple[str, ...]:
@@ -388,5 +406,7 @@ def format_plan(plan: MemoryPlan) -> str:
             f"= {100 * total / plan.budget_bytes:.0f} % of the {size(plan.budget_bytes)} budget",
             f"  moved per optimizer step: {size(plan.transfer_bytes_per_step)} "
             "(each streamed unit's weights and AdamW moments in and out once; gradients never move)",
+            f"  of which beside no turn's compute: {size(plan.waited_bytes_per_step)} (not prefetched, not "
+            "draining home, or moment shards through the optimizer step)",
         ]
     return "\n".join(lines)
