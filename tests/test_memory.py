@@ -224,7 +224,8 @@ def test_a_units_copy_home_runs_beside_the_next_turn_and_is_counted(data_cache, 
     end_turn = Placement.end_turn
 
     def record(self, unit):
-        draining_at_end[unit] = [nbytes for _, _, nbytes in self._draining]
+        assert all(entry[3] == unit for entry in self._draining)  # planned beside the turn now ending
+        draining_at_end[unit] = [entry[2] for entry in self._draining]
         end_turn(self, unit)
 
     monkeypatch.setattr(Placement, "end_turn", record)
@@ -328,6 +329,72 @@ def test_resume_under_stream_restores_the_swap_state_exactly(data_cache, data, t
     train_epoch(second, data, 3)
     straight.placement.synchronize()
     second.placement.synchronize()
+    _assert_same_training(straight, second)
+
+
+def test_a_copy_home_drains_only_beside_the_turn_planned_for_it(data_cache, data):
+    """Where the turns run otherwise than the plan said (the swap manager replans mid-step, and the train
+    loop skips units that had their turn), a draining copy home is waited for as the next turn begins,
+    instead of running beside a turn whose peak never counted it."""
+    cfg = smoke(data_cache, "memory.strategy=stream", "memory.gpu_budget_gb=0.024", "optim.batch_size=16")
+    state = build_training(cfg, data, 1e-3, 1, torch.device("cpu"))
+    placement = state.placement
+    unit = next(u for u in placement.plan.units if u.drain_in)
+    other = next(u.name for u in placement.plan.units if u.resident)
+    for beside, kept in ((unit.drain_in, True), (other, False)):
+        placement.begin_turn(unit.name)
+        placement.end_turn(unit.name)
+        assert [e[3] for e in placement._draining] == [unit.drain_in]
+        before = placement.accounted()
+        placement.begin_turn(beside)
+        assert bool(placement._draining) == kept, beside
+        if not kept:  # its bytes are no longer on the device
+            assert placement.accounted() < before
+        placement.end_turn(beside)
+        placement.end_step()
+        assert placement._draining == []
+
+
+def test_a_resume_state_written_by_foreach_adamw_resumes_fused(data_cache, data):
+    """A resume state from before AdamW was fused (its parameter groups say fused None) resumes with
+    fused AdamW (load_state_dict alone would take the saved groups' settings), and trains on exactly as
+    the run that was never interrupted (on a CPU both kernels keep their step counters as the same
+    float tensors)."""
+    import io
+
+    cfg = smoke(data_cache, "memory.strategy=stream", "memory.gpu_budget_gb=0.024", "optim.batch_size=16")
+
+    def windows():
+        batches = iterate_batches(data, "train", 16, shuffle=True, generator=torch.Generator().manual_seed(7))
+        accum = cfg.optim.grad_accum
+        return [
+            Window(epoch=1, step=k + 1, first_batch=k * accum, batches=[next(batches) for _ in range(accum)])
+            for k in range(3)
+        ]
+
+    def run(state, steps):
+        for window in steps:
+            train_step(state, window)
+            state.schedule.step()
+        state.placement.synchronize()
+
+    straight = build_training(cfg, data, 1e-3, 2, torch.device("cpu"))
+    run(straight, windows())
+    first = build_training(cfg, data, 1e-3, 2, torch.device("cpu"))
+    run(first, windows()[:2])
+    saved = first.state_dict()
+    for opt in saved["optimizers"].values():
+        for group in opt["param_groups"]:
+            group.update(fused=None, foreach=None)  # as torch.optim.AdamW(...) saved them before
+    buffer = io.BytesIO()
+    torch.save({"model": first.model.state_dict(), "state": saved}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    second = build_training(cfg, data, 1e-3, 2, torch.device("cpu"))
+    second.model.load_state_dict(loaded["model"])
+    second.load_state_dict(loaded["state"])
+    assert all(g["fused"] and not g["foreach"] for o in second.optimizers.values() for g in o.param_groups)
+    run(second, windows()[2:])
     _assert_same_training(straight, second)
 
 

@@ -113,6 +113,10 @@ class TrainingState:
         """``state_dict``'s inverse, after the weights are loaded: moments of streamed units go home."""
         for unit, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][unit])
+            # load_state_dict takes the saved groups' settings: a checkpoint from before AdamW was fused
+            # would turn it back to foreach (and its temporary, which the plan no longer counts)
+            for group in opt.param_groups:
+                group.update(fused=True, foreach=None, capturable=False)
         self.placement.adopt_loaded_state()
         self.placement.restore(state["memory"])
         self.schedule.load_state_dict(state["schedule"])

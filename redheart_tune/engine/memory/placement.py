@@ -79,8 +79,9 @@ class Placement:
                 drain_in=placement.drain_in,
             )
         self.meter = Meter(device, self._on_device_bytes, lambda: self.budget.context_bytes)
-        # copies home running beside a turn: (their event, the device tensors they read, those bytes)
-        self._draining: list[tuple[object | None, list[torch.Tensor], int]] = []
+        # copies home running beside a turn: (their event, the device tensors they read, those bytes,
+        # the turn the plan runs them beside)
+        self._draining: list[tuple[object | None, list[torch.Tensor], int, str]] = []
         self.home_bytes, self.home_s = 0, 0.0  # CPU home buffers allocated so far, and the time they took
         self._context_checked = device.type != "cuda"
         self._place_initially()
@@ -151,7 +152,7 @@ class Placement:
                 )
             if slot.moments_on_device and self._has_moments(slot):
                 total += MOMENT_BYTES * slot.numel
-        return total + sum(nbytes for _, _, nbytes in self._draining)
+        return total + sum(entry[2] for entry in self._draining)
 
     # the meter's record and measures, as the loop, the progress line and the benchmarks read them
     @property
@@ -236,9 +237,9 @@ class Placement:
                     ]
             nbytes += MOMENT_BYTES * slot.numel
         event, timing = self.mover.copy(pairs, "out") if pairs else (None, 0.0)
-        if drain and pairs:
+        if drain and pairs and slot.drain_in is not None:
             # kept until the compute stream has waited for the copy: nothing can reuse them before
-            self._draining.append((event, [src for _, src in pairs], nbytes))
+            self._draining.append((event, [src for _, src in pairs], nbytes, slot.drain_in))
         else:  # the compute stream waits for the copy before anything can reuse the unit's device memory
             self.mover.wait(event)
         if pairs:
@@ -255,12 +256,15 @@ class Placement:
         if pairs:
             self.meter.record(slot.name, action, nbytes, before, timing)
 
-    def _release_drained(self) -> None:
+    def _release_drained(self, *, except_beside: str | None = None) -> None:
         """The compute stream waits for the copies home that ran beside the turn that just ended; their
-        device tensors go (the allocator reuses their memory in the compute stream's order)."""
-        for event, _, _ in self._draining:
-            self.mover.wait(event)
-        self._draining = []
+        device tensors go (the allocator reuses their memory in the compute stream's order).
+        ``except_beside``: keep those the plan runs beside that turn (one about to begin)."""
+        keep = [e for e in self._draining if except_beside is not None and e[3] == except_beside]
+        for event, *_ in self._draining:
+            if not any(event is k[0] for k in keep):
+                self.mover.wait(event)
+        self._draining = keep
 
     def _home_moments(self, slot: Slot) -> dict[str, torch.Tensor]:
         if not slot.home_moments:
@@ -313,6 +317,9 @@ class Placement:
     def begin_turn(self, unit: str, upcoming: Sequence[str] = ()) -> None:
         """Make ``unit`` usable on the device (moments too, where its plan keeps them with it), and start
         the prefetches the plan times for this turn."""
+        # a copy home drains beside the turn the plan gave it; where the turns ran otherwise (a unit
+        # the swap manager made resident mid-step has had its turn), it is waited for now
+        self._release_drained(except_beside=unit)
         slot = self.slots[unit]
         wants_moments = slot.moments_mode == "with_unit"
         if not slot.on_device:

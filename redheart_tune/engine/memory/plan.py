@@ -215,10 +215,18 @@ def place(sizes: Sequence[UnitSize], resident: set[str], settings: PlanSettings)
             starts[i] = j
         earliest = j
     # A streamed unit's copy home runs during the next turn where that turn still fits with it (the
-    # compute does not wait for it); the last turn's, and one that does not fit, is waited for.
+    # compute does not wait for it); the last turn's, and one that does not fit, is waited for.  Not
+    # beside a sharded turn: its moment shards go home on the same stream, behind the drain, and the
+    # compute waits for each of them.
     drains: list[str | None] = [None] * len(order)
     for i, s in enumerate(order[:-1]):
-        if s.name not in resident and settings.prefetch and peaks[i + 1] + incoming(s) <= limit:
+        nxt = order[i + 1]
+        if (
+            s.name not in resident
+            and settings.prefetch
+            and modes[nxt.name] != "sharded"
+            and peaks[i + 1] + incoming(s) <= limit
+        ):
             peaks[i + 1] += incoming(s)
             drains[i] = order[i + 1].name
     return tuple(
