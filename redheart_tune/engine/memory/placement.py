@@ -260,10 +260,11 @@ class Placement:
         """The compute stream waits for the copies home that ran beside the turn that just ended; their
         device tensors go (the allocator reuses their memory in the compute stream's order).
         ``except_beside``: keep those the plan runs beside that turn (one about to begin)."""
-        keep = [e for e in self._draining if except_beside is not None and e[3] == except_beside]
-        for event, *_ in self._draining:
-            if not any(event is k[0] for k in keep):
-                self.mover.wait(event)
+        keep, done = [], []
+        for entry in self._draining:
+            (keep if entry[3] == except_beside else done).append(entry)
+        for event, *_ in done:
+            self.mover.wait(event)
         self._draining = keep
 
     def _home_moments(self, slot: Slot) -> dict[str, torch.Tensor]:
