@@ -224,8 +224,8 @@ def test_a_units_copy_home_runs_beside_the_next_turn_and_is_counted(data_cache, 
     end_turn = Placement.end_turn
 
     def record(self, unit):
-        assert all(entry[3] == unit for entry in self._draining)  # planned beside the turn now ending
-        draining_at_end[unit] = [entry[2] for entry in self._draining]
+        assert all(d.beside == unit for d in self._draining)  # planned beside the turn now ending
+        draining_at_end[unit] = [d.nbytes for d in self._draining]
         end_turn(self, unit)
 
     monkeypatch.setattr(Placement, "end_turn", record)
@@ -344,7 +344,7 @@ def test_a_copy_home_drains_only_beside_the_turn_planned_for_it(data_cache, data
     for beside, kept in ((unit.drain_in, True), (other, False)):
         placement.begin_turn(unit.name)
         placement.end_turn(unit.name)
-        assert [e[3] for e in placement._draining] == [unit.drain_in]
+        assert [d.beside for d in placement._draining] == [unit.drain_in]
         before = placement.accounted()
         placement.begin_turn(beside)
         assert bool(placement._draining) == kept, beside

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +44,16 @@ from redheart_tune.engine.memory.transfer import MOMENTS, Meter, Mover, PinError
 from redheart_tune.model.groups import selection_units
 
 log = logging.getLogger(__name__)
+
+
+class _Drain(NamedTuple):
+    """A copy home running beside a turn: its event, the device tensors it reads (kept until the compute
+    stream has waited for it), their bytes, and the turn the plan runs it beside."""
+
+    event: object | None
+    tensors: list[torch.Tensor]
+    nbytes: int
+    beside: str
 
 
 class Placement:
@@ -79,9 +90,7 @@ class Placement:
                 drain_in=placement.drain_in,
             )
         self.meter = Meter(device, self._on_device_bytes, lambda: self.budget.context_bytes)
-        # copies home running beside a turn: (their event, the device tensors they read, those bytes,
-        # the turn the plan runs them beside)
-        self._draining: list[tuple[object | None, list[torch.Tensor], int, str]] = []
+        self._draining: list[_Drain] = []  # copies home running beside a turn
         self.home_bytes, self.home_s = 0, 0.0  # CPU home buffers allocated so far, and the time they took
         self._context_checked = device.type != "cuda"
         self._place_initially()
@@ -152,7 +161,7 @@ class Placement:
                 )
             if slot.moments_on_device and self._has_moments(slot):
                 total += MOMENT_BYTES * slot.numel
-        return total + sum(entry[2] for entry in self._draining)
+        return total + sum(d.nbytes for d in self._draining)
 
     # the meter's record and measures, as the loop, the progress line and the benchmarks read them
     @property
@@ -211,8 +220,8 @@ class Placement:
 
     def _send_out(self, slot: Slot, *, action: str, copy_weights: bool = True, drain: bool = False) -> None:
         """Copy the unit's weights (and its moments, when they are on the device) home; free its device
-        memory: at once (the compute stream waits for the copy), or with ``drain`` once the next turn
-        is over (``_release_drained``), the copy running beside that turn's compute."""
+        memory: at once (the compute stream waits for the copy), or with ``drain``, where the plan gives
+        the unit a turn to drain beside (``drain_in``), once that turn is over (``_release_drained``)."""
         before = self.meter.now()
         if slot.home is None:
             slot.home = self._home_buffer(slot.numel)
@@ -239,7 +248,7 @@ class Placement:
         event, timing = self.mover.copy(pairs, "out") if pairs else (None, 0.0)
         if drain and pairs and slot.drain_in is not None:
             # kept until the compute stream has waited for the copy: nothing can reuse them before
-            self._draining.append((event, [src for _, src in pairs], nbytes, slot.drain_in))
+            self._draining.append(_Drain(event, [src for _, src in pairs], nbytes, slot.drain_in))
         else:  # the compute stream waits for the copy before anything can reuse the unit's device memory
             self.mover.wait(event)
         if pairs:
@@ -260,11 +269,10 @@ class Placement:
         """The compute stream waits for the copies home that ran beside the turn that just ended; their
         device tensors go (the allocator reuses their memory in the compute stream's order).
         ``except_beside``: keep those the plan runs beside that turn (one about to begin)."""
-        keep, done = [], []
-        for entry in self._draining:
-            (keep if entry[3] == except_beside else done).append(entry)
-        for event, *_ in done:
-            self.mover.wait(event)
+        keep = [d for d in self._draining if d.beside == except_beside]
+        for d in self._draining:
+            if d.beside != except_beside:
+                self.mover.wait(d.event)
         self._draining = keep
 
     def _home_moments(self, slot: Slot) -> dict[str, torch.Tensor]:
@@ -373,7 +381,7 @@ class Placement:
         self.meter.step_peak = max(self.meter.step_peak, use)
         self._release_drained()  # the previous unit's copy home ran beside this turn
         if not slot.resident:
-            self._send_out(slot, action="stream_out", drain=slot.drain_in is not None)
+            self._send_out(slot, action="stream_out", drain=True)
         self.trace.append({"epoch": self.meter.epoch, "step": self.meter.step, "unit": unit, "peak_bytes": use})
         if self.dsm is not None and self.streaming:
             self._swap_out_above_target(use)
