@@ -168,6 +168,42 @@ def test_stream_equals_resident_bit_for_bit(data_cache, data, preset, stream_ove
     _assert_same_training(resident, streamed)
 
 
+def test_a_sharded_step_holds_at_most_two_moment_shards_on_the_device(data_cache, data, monkeypatch):
+    """The plan budgets one moment shard stepping and the next arriving (``moment_window_bytes``): as a
+    shard's buffers are allocated, only the previous shard's may still exist, never the one before it
+    (the allocator would otherwise hold a third shard on a GPU, which the CPU's byte count cannot see)."""
+    import sys
+    import weakref
+
+    from redheart_tune.engine.memory import sharded
+
+    cfg = smoke(
+        data_cache,
+        "optim.batch_size=8",
+        "optim.grad_accum=2",
+        "memory.strategy=stream",
+        "memory.gpu_budget_gb=0.022",
+        "memory.stream_moments=sharded",
+        "memory.shard_mb=1",
+    )
+    made: list[weakref.ref] = []
+    live_at_fetch: list[int] = []
+    empty = torch.empty
+
+    def tracked(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if sys._getframe(1).f_globals.get("__name__") == sharded.__name__:
+            live_at_fetch.append(sum(r() is not None for r in made))
+            made.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(torch, "empty", tracked)
+    _steps(cfg, data, steps=2)  # the first step creates the moments; the second fetches them
+    fetches = len(live_at_fetch) // 2  # two moment buffers per shard, over the step's sharded units
+    assert fetches >= 3, "too few shards for a third one to be held"
+    assert max(live_at_fetch) <= 3, live_at_fetch  # the previous shard's two, and this shard's first
+
+
 def test_dropout_is_on_and_seeded_per_unit(data_cache, data):
     """Two different seeds give different weights (dropout and init draw from the seed)."""
     base = ["optim.batch_size=8", "optim.grad_accum=2", "model.dropout=0.5", "memory.strategy=resident"]

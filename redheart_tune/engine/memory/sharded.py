@@ -75,6 +75,9 @@ def sharded_step(
             pairs = [(home[m][lo:hi], bufs[m]) for m in MOMENTS]
         out_event, timing = mover.copy(pairs, "out")
         mover.wait(out_event)
+        # this shard's device buffers go now, in the compute stream's order: the next fetch may reuse
+        # them, so at most two shards (one stepping, one arriving) are ever on the device
+        del pairs, bufs
         for m in MOMENTS:
             for i in idx:
                 opt_state[slot.params[i]][m] = home_views[m][i]
