@@ -104,7 +104,7 @@ if runs tests ${TESTS_S:-120}; then
   if [ -n "${DRY:-}" ]; then
     log "cuda tests: skipped (DRY: no CUDA device)"
   else
-    timeout -k 5 $LIMIT $PY -m pytest -m cuda tests/test_memory_cuda.py -q -rA -p no:cacheprovider \
+    timeout -k 5 $LIMIT $PY -m pytest -m cuda tests/test_memory_cuda.py -v -rA --durations=0 -p no:cacheprovider \
       > "$WORK/pytest_cuda.log" 2>&1
     log "cuda tests rc=$?"
     tail -8 "$WORK/pytest_cuda.log" | tee -a "$OUT/summary.txt"
