@@ -166,7 +166,8 @@ def test_a_streamed_run_resumes_on_the_gpu():
 
 def test_the_budget_is_enforced_and_held():
     """mid with 512 MiB for tensors: the allocator is capped at the budget less this process's context,
-    and streamed training stays inside the budget."""
+    streamed training stays inside the budget, and its second epoch neither retries an allocation nor
+    swaps."""
     data = synthetic_data(128, 32)
     c = cfg("model.preset=mid", "memory.strategy=stream", f"memory.gpu_budget_gb={context_plus(512)}")
     budget = margined(c)
@@ -190,6 +191,13 @@ def test_the_budget_is_enforced_and_held():
     assert state.placement.plan.streamed
     assert peak <= budget.bytes
     assert tr.memory_moves and all(m["seconds"] is not None for m in tr.memory_moves)
+
+    # Past the first epoch the headroom below the cap keeps the allocator and the swap manager quiet: no
+    # allocation has to free cached blocks and retry, and the DSM moves nothing the plan did not.
+    retries = torch.cuda.memory_stats(DEVICE).get("num_alloc_retries", 0)
+    second = train_epoch(state, data, 2)
+    assert torch.cuda.memory_stats(DEVICE).get("num_alloc_retries", 0) == retries
+    assert [m["module"] for m in second.memory_moves if m["action"] in ("swap_out", "swap_in")] == []
 
 
 def test_validation_and_evaluation_stream_on_the_gpu():
